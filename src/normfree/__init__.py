@@ -1,0 +1,9 @@
+"""normfree: deep residual networks without batch normalization, and the
+tools to see why they train (signal propagation at initialization)."""
+from .blocks import ResidualBlock, unfolded
+from .layers import (ACTIVATIONS, PUBLISHED_GAMMAS, RELU_GAMMA, Conv2d, ScalarBias, ScalarGain,
+                     ScaledStdConv2d, activation_gamma, get_activation)
+from .models import ARCHS, Arch, ResNet, create_model, list_models, make_arch
+from .schemes import SCHEMES, Scheme, list_methods, make_scheme
+
+__version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""The ``normfree`` command line: ``normfree <command> --help`` for each command.
+
+Each command is an ``add_<name>(subparsers)`` function below that declares
+its arguments and sets ``func`` to the code that runs it. Nothing in the
+package imports this module.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the registered model names",
+                       description="List every <method>_<arch> model name (and the methods and architectures).")
+    p.add_argument("--methods", action="store_true", help="list only the methods")
+
+    def run(args) -> int:
+        from .models import ARCHS, list_models
+        from .schemes import SCHEMES
+
+        if args.methods:
+            for name, scheme in sorted(SCHEMES.items()):
+                print(f"{name:10s} {scheme}")
+            return 0
+        print("\n".join(list_models()))
+        print(f"# architectures: {', '.join(ARCHS)}; wrn depth is 6n+4 (--depth), width k (--width)",
+              file=sys.stderr)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [add_models]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normfree",
+        description="Deep residual networks without batch normalization: build, train, "
+                    "measure signal propagation, reproduce the papers' claims.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        # mistakes we detect ourselves: one clear line, no traceback
+        print(f"normfree {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"normfree {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

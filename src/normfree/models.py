@@ -1,0 +1,212 @@
+"""Pre-activation ResNets of any depth, and the model registry.
+
+Models are named ``<method>_<arch>``: ``skipinit_wrn``, ``nf_resnet50``,
+``bn_resnet101`` ... (``list_models()``). A name may end in the WRN depth and
+width, ``skipinit_wrn_1000_4``. Every model is the same :class:`ResNet`
+class: the architecture (:class:`Arch`) fixes the stages, the method
+(:class:`~normfree.schemes.Scheme`) configures the one residual block.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .blocks import ResidualBlock, make_conv, norm_act
+from .layers import activation_gamma
+from .schemes import SCHEMES, Scheme, list_methods, make_scheme
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A pre-activation ResNet layout.
+
+    block: "basic" (3x3-3x3) or "bottleneck" (1x1-3x3-1x1, expansion 4).
+    depths / widths / strides: blocks, output channels and stride per stage.
+    stem: "cifar" (3x3 conv, stride 1) or "imagenet" (7x7 conv stride 2 + 3x3 max-pool).
+    """
+
+    name: str
+    block: str
+    depths: Tuple[int, ...]
+    widths: Tuple[int, ...]
+    strides: Tuple[int, ...]
+    stem: str
+    stem_width: int
+
+
+# Bottleneck stage depths of ResNet-V2 (He et al. 2016) and the deeper
+# NF-ResNet variants (Brock et al. 2021, authors' code).
+RESNET_DEPTHS = {
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+    288: (24, 24, 24, 24),
+    600: (50, 50, 50, 50),
+}
+ARCHS = ["wrn"] + [f"resnet{d}" for d in RESNET_DEPTHS]
+
+
+def wrn_depths() -> str:
+    return "6n+4 with n >= 1 (10, 16, 22, 28, 40, ..., 100, 1000, ...)"
+
+
+def make_arch(arch: str, depth: Optional[int] = None, width: float = 1) -> Arch:
+    """The layout of ``arch`` ("wrn" or "resnetNN") at ``depth`` and ``width``."""
+    if not (isinstance(width, (int, float)) and width > 0):
+        raise ValueError(f"width must be > 0, got {width!r}")
+    if arch == "wrn":
+        depth = 16 if depth is None else depth
+        if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"depth {depth!r} does not fit wrn: allowed depths are {wrn_depths()}")
+        n = (depth - 4) // 6
+        w = [max(1, int(round(c * width))) for c in (16, 32, 64)]
+        return Arch(f"wrn{depth}_{width:g}", "basic", (n, n, n), tuple(w), (1, 2, 2), "cifar", 16)
+    m = re.fullmatch(r"resnet(\d+)", arch)
+    if m:
+        d = int(m.group(1))
+        if depth is not None and depth != d:
+            raise ValueError(f"{arch} has depth {d}; got depth={depth}. For another depth use "
+                             f"one of {[f'resnet{k}' for k in RESNET_DEPTHS]} or 'wrn' ({wrn_depths()})")
+        if d not in RESNET_DEPTHS:
+            raise ValueError(f"depth {d} does not fit the bottleneck ResNet: allowed {sorted(RESNET_DEPTHS)}")
+        w = [max(4, int(round(c * width)) // 4 * 4) for c in (256, 512, 1024, 2048)]
+        return Arch(arch, "bottleneck", RESNET_DEPTHS[d], tuple(w), (1, 2, 2, 2), "imagenet",
+                    max(1, int(round(64 * width))))
+    raise ValueError(f"unknown architecture {arch!r}; allowed: {ARCHS}")
+
+
+class ResNet(nn.Module):
+    """A pre-activation ResNet whose every residual block follows ``scheme``.
+
+    stem -> residual stages -> final norm/act -> global average pool
+    -> [dropout] -> linear. For NF schemes the expected variance is tracked
+    through the blocks: it starts at 1 after the stem, grows by alpha^2 per
+    block and is reset to 1 + alpha^2 after a transition (projection) block.
+    """
+
+    def __init__(self, arch: Arch, scheme: Scheme, num_classes: int = 10, in_chans: int = 3):
+        super().__init__()
+        for name, v in (("num_classes", num_classes), ("in_chans", in_chans)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.arch, self.scheme = arch, scheme
+        self.num_classes, self.in_chans = num_classes, in_chans
+        stem_conv = make_conv(scheme, in_chans, arch.stem_width, 7 if arch.stem == "imagenet" else 3,
+                              stride=2 if arch.stem == "imagenet" else 1)
+        self.stem = nn.Sequential(stem_conv)
+        if arch.stem == "imagenet":
+            self.stem.append(nn.MaxPool2d(3, stride=2, padding=1))
+
+        num_blocks = sum(arch.depths)
+        blocks: List[ResidualBlock] = []
+        cin, var = arch.stem_width, 1.0
+        for depth, cout, stride in zip(arch.depths, arch.widths, arch.strides):
+            for i in range(depth):
+                idx = len(blocks) + 1
+                blk = ResidualBlock(cin, cout, stride if i == 0 else 1, scheme,
+                                    bottleneck=arch.block == "bottleneck", index=idx,
+                                    num_blocks=num_blocks, expected_var=var,
+                                    drop_path=scheme.drop_path * idx / num_blocks)
+                if blk.expected_var_out is not None:
+                    var = blk.expected_var_out
+                blocks.append(blk)
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.final_act = norm_act(scheme, cin)
+        self.head_scale = activation_gamma(scheme.act) if scheme.nf_alpha is not None else None
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(scheme.dropout) if scheme.dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(cin, num_classes)
+        if scheme.classifier_init == "zero":
+            nn.init.zeros_(self.fc.weight)
+            nn.init.zeros_(self.fc.bias)
+        elif scheme.classifier_init == "normal_0.01":
+            nn.init.normal_(self.fc.weight, 0.0, 0.01)
+            nn.init.zeros_(self.fc.bias)
+
+    @property
+    def num_features(self) -> int:
+        return self.fc.in_features
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear ValueError for input that is not (N, in_chans, H, W)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and residual blocks (no final activation)."""
+        self.check_input(x)
+        return self.blocks(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.final_act(x)).flatten(1)
+        if self.head_scale is not None:  # NF: gamma of the final activation, after the (linear) pool
+            x = x * self.head_scale
+        return self.fc(self.dropout(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def list_models() -> List[str]:
+    """Every registered ``<method>_<arch>`` name."""
+    return [f"{m}_{a}" for m in list_methods() for a in ARCHS]
+
+
+def parse_model_name(name: str) -> Tuple[str, str, Dict[str, int]]:
+    """Split ``name`` into (method, arch, size kwargs), e.g.
+    "skipinit_wrn_1000_4" -> ("skipinit", "wrn", {"depth": 1000, "width": 4})."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a string, got {type(name).__name__}")
+    size: Dict[str, int] = {}
+    m = re.fullmatch(r"(.+_wrn)_(\d+)(?:_(\d+))?", name)
+    if m:
+        name = m.group(1)
+        size["depth"] = int(m.group(2))
+        if m.group(3):
+            size["width"] = int(m.group(3))
+    for arch in sorted(ARCHS, key=len, reverse=True):
+        if name.endswith("_" + arch):
+            method = name[: -len(arch) - 1]
+            if method in SCHEMES:
+                return method, arch, size
+            close = difflib.get_close_matches(method, list(SCHEMES), n=1)
+            hint = f" (did you mean {close[0] + '_' + arch!r}?)" if close else ""
+            raise ValueError(f"unknown method {method!r} in model name {name!r}{hint}; "
+                             f"methods: {list_methods()}")
+    close = difflib.get_close_matches(name, list_models(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint}; names are <method>_<arch> with methods "
+                     f"{list_methods()} and archs {ARCHS} (see normfree.list_models())")
+
+
+def create_model(name: str, *, depth: Optional[int] = None, width: Optional[float] = None,
+                 num_classes: int = 10, in_chans: int = 3, **method_options) -> ResNet:
+    """Build a registered model.
+
+    Args:
+        name: ``<method>_<arch>`` (see :func:`list_models`), optionally with the
+            WRN size appended (``"skipinit_wrn_1000_4"``).
+        depth: WRN depth (6n+4); for ``resnetNN`` it must be omitted or equal NN.
+        width: WRN width factor k, or channel multiplier of a bottleneck ResNet.
+        num_classes, in_chans: classifier outputs and input channels.
+        **method_options: fields of the method's Scheme, e.g. ``alpha=0.2``,
+            ``gain_init="1/sqrt(d)"``, ``act="gelu"``, ``regularized=True``,
+            ``dropout=0.3``, ``drop_path=0.1`` (see :class:`Scheme`).
+    """
+    method, arch, size = parse_model_name(name)
+    if depth is not None:
+        size["depth"] = depth
+    if width is not None:
+        size["width"] = width
+    scheme = make_scheme(method, **method_options)
+    return ResNet(make_arch(arch, size.get("depth"), size.get("width", 1)), scheme,
+                  num_classes=num_classes, in_chans=in_chans)
