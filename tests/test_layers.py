@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normfree
+from normfree.layers import Conv2d, ScaledStdConv2d, activation_gamma
+
+
+def test_scaled_std_conv_matches_reference_formula():
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(5, 7, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.normal_(0.3, 2.0)
+        conv.gain.uniform_(0.5, 2.0)
+        conv.bias.normal_()
+    w = conv.weight.detach()
+    n = w[0].numel()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = torch.var(w, dim=(1, 2, 3), unbiased=False, keepdim=True)  # biased, as in the definition
+    expected = conv.gain.detach() * (w - mean) / torch.sqrt(torch.clamp(n * var, min=1e-4))
+    torch.testing.assert_close(conv.effective_weight().detach(), expected)
+    x = torch.randn(2, 5, 6, 6)
+    torch.testing.assert_close(conv(x), F.conv2d(x, expected, conv.bias, padding=1))
+
+
+def test_standardized_weight_zero_mean_and_var_one_over_fan_in():
+    conv = ScaledStdConv2d(16, 32, 3)
+    w = conv.standardized_weight().detach()
+    fan_in = 16 * 9
+    assert torch.allclose(w.mean(dim=(1, 2, 3)), torch.zeros(32), atol=1e-6)
+    assert torch.allclose(w.var(dim=(1, 2, 3), unbiased=False), torch.full((32,), 1 / fan_in), rtol=1e-4)
+    # learnable gain (init 1) and bias (init 0)
+    assert conv.gain.requires_grad and torch.equal(conv.gain, torch.ones_like(conv.gain))
+    assert conv.bias.requires_grad and torch.equal(conv.bias, torch.zeros_like(conv.bias))
+
+
+def test_standardization_guard_for_constant_filters():
+    conv = ScaledStdConv2d(2, 3, 1)
+    with torch.no_grad():
+        conv.weight.fill_(0.5)  # zero variance: the max(N var, 1e-4) guard avoids a division by 0
+    w = conv.effective_weight()
+    assert torch.isfinite(w).all() and torch.equal(w, torch.zeros_like(w))
+
+
+def test_scaled_std_conv_exports_without_std_mean():
+    conv = ScaledStdConv2d(3, 4, 3, padding=1).eval()
+    exported = torch.export.export(conv, (torch.randn(2, 3, 8, 8),))
+    ops = " ".join(str(n.target) for n in exported.graph.nodes)
+    assert "std_mean" not in ops and "var_mean" not in ops
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(exported.module()(x), conv(x))
+
+
+@pytest.mark.parametrize("cls", [Conv2d, ScaledStdConv2d])
+def test_conv_folds_scales_exactly(cls):
+    torch.manual_seed(1)
+    conv = cls(4, 6, 3, padding=1, bias=True)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(2, 4, 5, 5)
+    a, b = 0.37, torch.tensor(2.5)
+    torch.testing.assert_close(conv(x, in_scale=a, out_scale=b), b * conv(a * x))
+    per_channel = torch.rand(6)
+    torch.testing.assert_close(conv(x, out_scale=per_channel), conv(x) * per_channel.view(1, -1, 1, 1))
+
+
+def test_relu_gamma_matches_analytic_value():
+    assert abs(activation_gamma("relu") - math.sqrt(2 / (1 - 1 / math.pi))) < 1e-6
+    assert abs(normfree.RELU_GAMMA - 1.7129) < 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(normfree.PUBLISHED_GAMMAS))
+def test_gammas_match_published_monte_carlo_constants(name):
+    # the published values are Monte-Carlo estimates: agree to ~0.1%
+    published = normfree.PUBLISHED_GAMMAS[name]
+    assert activation_gamma(name) == pytest.approx(published, rel=2e-3)
+
+
+def test_gamma_of_any_callable_and_unit_variance():
+    assert activation_gamma(lambda x: 3 * x) == pytest.approx(1 / 3, rel=1e-6)
+    z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0))
+    for name in ("relu", "gelu", "tanh"):
+        g = activation_gamma(name)
+        assert (g * normfree.get_activation(name)(z)).var().item() == pytest.approx(1.0, rel=5e-3)
+
+
+def test_unknown_activation_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown activation 'rleu'.*allowed"):
+        normfree.get_activation("rleu")
+
+
+def test_scalar_gain_and_bias():
+    g, b = normfree.ScalarGain(0.0), normfree.ScalarBias()
+    x = torch.randn(3, 4)
+    assert torch.equal(g(x), torch.zeros_like(x)) and torch.equal(b(x), x)
+    (g(x).sum() + b(x).sum()).backward()
+    assert g.gain.grad is not None and b.bias.grad.item() == pytest.approx(12.0)
