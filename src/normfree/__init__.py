@@ -1,6 +1,8 @@
 """normfree: deep residual networks without batch normalization, and the
 tools to see why they train (signal propagation at initialization)."""
+from .agc import AGC, adaptive_clip_grad_, unitwise_norm
 from .blocks import ResidualBlock, unfolded
+from .data import DATASETS, Batches, Dataset, load_dataset
 from .layers import (ACTIVATIONS, PUBLISHED_GAMMAS, RELU_GAMMA, Conv2d, ScalarBias, ScalarGain,
                      ScaledStdConv2d, activation_gamma, get_activation)
 from .models import ARCHS, Arch, ResNet, create_model, list_models, make_arch
