@@ -32,7 +32,32 @@ def add_models(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [add_models]
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="list the data sets, or load (and fetch) one and describe it",
+                       description="Without NAME: list the data sets. With NAME: load it (with --download, "
+                                   "fetch the official files first, md5-checked) and print its size, "
+                                   "classes, channel statistics and default augmentation.")
+    p.add_argument("name", nargs="?", help="digits (built in, the default data set), mnist, "
+                                           "fashion_mnist, cifar10 or folder")
+    p.add_argument("--data-dir", default=None,
+                   help="where the files are or go (default ~/.cache/normfree; Fashion-MNIST is also "
+                        "looked for in /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--download", action="store_true", help="fetch missing files from the official URLs")
+
+    def run(args) -> int:
+        from .data import DATASETS, load_dataset
+
+        if args.name is None:
+            for name, text in DATASETS.items():
+                print(f"{name:14s} {text}")
+            return 0
+        print(load_dataset(args.name, args.data_dir, args.download).summary())
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [add_models, add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

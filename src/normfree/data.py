@@ -172,6 +172,20 @@ class Dataset:
         kw.update(options)
         return Batches(x, y, batch_size, self.mean, self.std, **kw)
 
+    def summary(self) -> str:
+        """A few lines describing the data set (for ``normfree data NAME``)."""
+        c, (h, w) = self.in_chans, self.image_size
+        fmt = lambda t: "[" + ", ".join(f"{v:.4f}" for v in t.tolist()) + "]"
+        names = ", ".join(self.classes[:12]) + (", ..." if self.num_classes > 12 else "")
+        return "\n".join([
+            f"{self.name}: {len(self.train_y)} train / {len(self.test_y)} test images, {c}x{h}x{w} uint8",
+            f"source: {self.source}",
+            f"classes ({self.num_classes}): {names}",
+            f"train mean {fmt(self.mean)}, std {fmt(self.std)} (pixels / 255)",
+            f"augmentation: " + (f"random crop (pad {self.pad})" + (" + horizontal flip" if self.flip else "")
+                                 if self.augment else "none"),
+        ])
+
     def __repr__(self) -> str:
         c, (h, w) = self.in_chans, self.image_size
         return (f"Dataset({self.name!r}, train={len(self.train_y)}, test={len(self.test_y)}, "
