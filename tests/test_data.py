@@ -437,3 +437,13 @@ def test_dataset_batches_helper_and_bad_arguments():
         Batches(x.float(), y, 4, mean, std)
     with pytest.raises(ValueError, match="one per channel"):
         Batches(x, y, 4, [0.1, 0.2], std)
+
+
+def test_cli_data_command(tmp_path, capsys):
+    from normfree.cli import main
+    assert main(["data"]) == 0
+    assert "cifar10" in capsys.readouterr().out
+    assert main(["data", "digits"]) == 0
+    assert "1437 train / 360 test" in capsys.readouterr().out
+    assert main(["data", "cifar10", "--data-dir", str(tmp_path)]) == 2
+    assert "--download" in capsys.readouterr().err
