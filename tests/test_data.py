@@ -320,6 +320,9 @@ def test_image_folder_errors(tmp_path):
         load_dataset("folder", str(tmp_path), image_size=6)
     with pytest.raises(ValueError, match="needs data_dir"):
         load_dataset("folder")
+    write_images(tmp_path / "single", n_per_class=1)
+    with pytest.raises(ValueError, match="too few to split"):
+        load_dataset("folder", str(tmp_path / "single"))
 
 
 # --------------------------------------------------------------------------

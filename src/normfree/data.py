@@ -664,6 +664,9 @@ def load_image_folder(root: str, image_size: Optional[Union[int, Tuple[int, int]
             k = max(1, int(round(test_fraction * len(files)))) if len(files) > 1 else 0
             test[cls] = [files[i] for i in sorted(order[:k])]
             train[cls] = [files[i] for i in sorted(order[k:])]
+        if not any(test.values()):
+            raise ValueError(f"{root}: every class has a single image, too few to split into train and "
+                             f"test; add images or use {root}/train/<class>/ and {root}/test/<class>/")
     classes = sorted(train)
     splits = []
     every = [p for d in (train, test) for fs in d.values() for p in fs]
