@@ -5,6 +5,7 @@ tar.gz archives, PNG/JPEG folders) and loads them through load_dataset, the
 code a user runs."""
 import gzip
 import hashlib
+import io
 import os
 import pickle
 import struct
@@ -50,14 +51,36 @@ def fake_cifar(n=4, seed=0):
             for f in data.CIFAR10_BATCHES}
 
 
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 wrote its str (SHORT_BINSTRING / BINSTRING), like
+    the official CIFAR-10 files, which Python 2 pickled."""
+
+    def save_py2_str(self, obj):
+        n = len(obj)
+        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+        self.write(head + obj)
+        self.memoize(obj)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[bytes] = save_py2_str
+
+
+def dump(obj, fh, protocol):
+    if protocol != "py2":
+        return pickle.dump(obj, fh, protocol=protocol)
+    buf = io.BytesIO()
+    Py2Pickler(buf, protocol=2).dump(obj)
+    fh.write(buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+
+
 def write_cifar(folder, batches, protocol=2, meta=True):
     os.makedirs(folder, exist_ok=True)
     for f, (x, y) in batches.items():
         with open(os.path.join(folder, f), "wb") as fh:
-            pickle.dump({b"batch_label": f.encode(), b"data": x, b"labels": y}, fh, protocol=protocol)
+            dump({b"batch_label": f.encode(), b"data": x, b"labels": y}, fh, protocol)
     if meta:
         with open(os.path.join(folder, "batches.meta"), "wb") as fh:
-            pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, fh, protocol=protocol)
+            dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, fh, protocol)
     return folder
 
 
@@ -177,7 +200,7 @@ def test_mnist_download_from_mirror(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------
 # CIFAR-10 pickles and the official archive
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("protocol", ["py2", 2, 4])
 def test_cifar10_pickles(tmp_path, protocol):
     batches = fake_cifar()
     write_cifar(tmp_path / "cifar-10-batches-py", batches, protocol=protocol)
