@@ -7,6 +7,7 @@ package imports this module.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -57,7 +58,32 @@ def add_data(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [add_models, add_data]
+def add_train(sub) -> None:
+    from .train import EXIT_DIVERGED, EXIT_INTERRUPTED, add_arguments
+
+    p = sub.add_parser(
+        "train", help="train a model (SGD/AdamW, schedules, AGC, checkpoints, resume, DDP)",
+        description="Train a registered model on a data set. Metrics (metrics.jsonl, metrics.csv), "
+                    "config.json, summary.json and checkpoint.pt are written inside --out. The model's "
+                    "input channels and classes follow the data. Under `torchrun --nproc_per_node=N` "
+                    "the same command runs DistributedDataParallel (--batch-size stays global).",
+        epilog=f"exit status: 0 ok (or stopped by --stop-after-steps), 2 bad input, {EXIT_DIVERGED} "
+               f"diverged (NaN/Inf loss; the last good checkpoint is kept), {EXIT_INTERRUPTED} "
+               f"interrupted (Ctrl-C; checkpoint written, continue with --resume).")
+    add_arguments(p)
+
+    def run(args) -> int:
+        from .train import config_from_args, train
+
+        result = train(config_from_args(args))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: the summary once
+            print(result.format())
+        return EXIT_DIVERGED if result.status == "diverged" else 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [add_models, add_data, add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,248 @@
+"""The trainer: schedules, parameter groups, learning, exact resume, divergence, CLI."""
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normfree
+from normfree.cli import main
+from normfree.data import Batches, load_dataset
+from normfree.train import (EXIT_DIVERGED, TrainConfig, evaluate, load_checkpoint, lr_factor, param_groups,
+                            parse_options, train)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def tiny(**kw):
+    """A tiny WRN-10-1 on a 256-image subset of the 8x8 digits: 8 steps per epoch."""
+    base = dict(model="skipinit_wrn", depth=10, width=1, data="digits", batch_size=32, lr=0.05,
+                max_train_examples=256, max_test_examples=120, epochs=2, log_every=4, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs"
+
+
+# ---------------------------------------------------------------- pieces
+def test_lr_schedules():
+    total, warm = 100, 10
+    assert [lr_factor(s, total, warm, "cosine") for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(10, total, warm, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, total, warm, "cosine") == pytest.approx(0.5)          # half-way after warmup
+    assert lr_factor(99, total, warm, "cosine") < 1e-3
+    assert [lr_factor(s, total, 0, "step") for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert lr_factor(80, total, 0, "constant") == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, 0, "linear")
+
+
+@pytest.mark.parametrize("name", ["fixup_wrn", "nf_wrn", "bn_wrn", "skipinit_wrn"])
+def test_param_groups_decay_only_conv_linear_weights(name):
+    model = normfree.create_model(name, depth=10, num_classes=10, in_chans=1)
+    groups = {g["name"]: g for g in param_groups(model, 5e-4, scalar_lr_mult=0.1)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    others = {names[id(p)] for g in groups.values() if g["name"] != "decay" for p in g["params"]}
+    assert groups["decay"]["weight_decay"] == 5e-4
+    assert all(g["weight_decay"] == 0 for k, g in groups.items() if k != "decay")
+    # every parameter in exactly one group
+    assert decay | others == set(names.values()) and not decay & others
+    for n, p in model.named_parameters():
+        is_weight = n.endswith(".weight") and p.dim() > 1
+        assert (n in decay) == is_weight, n
+    if name in ("fixup_wrn", "skipinit_wrn"):  # the scalar gains (and Fixup's scalar biases)
+        scal = {names[id(p)] for p in groups["scalar"]["params"]}
+        assert scal and all(model.get_parameter(n).dim() == 0 for n in scal)
+        assert groups["scalar"]["lr_mult"] == 0.1
+    if name == "nf_wrn":  # Scaled WS gains are 4-d but must not be decayed
+        assert any(n.endswith(".gain") for n in others)
+
+
+def test_evaluate_matches_manual(digits):
+    torch.manual_seed(0)
+    model = normfree.create_model("none_wrn", depth=10, num_classes=10, in_chans=1)
+    x, y = digits.test_x[:50], digits.test_y[:50]
+    loss, acc = evaluate(model, x, y, digits.mean, digits.std, batch_size=16)
+    xb = (x.float() / 255 - digits.mean.view(1, -1, 1, 1)) / digits.std.view(1, -1, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        logits = model(xb)
+    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert model.training is False  # mode restored (it was eval here)
+
+
+def test_parse_options():
+    assert parse_options(["alpha=0.2", "gain_init=1/sqrt(d)", "regularized=true", "depth=3", "x=none"]) == {
+        "alpha": 0.2, "gain_init": "1/sqrt(d)", "regularized": True, "depth": 3, "x": None}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_options(["alpha"])
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="unknown method"):
+        TrainConfig(model="batchnorm_wrn")
+    with pytest.raises(TypeError, match="unknown option"):
+        TrainConfig(model_options={"alpah": 0.2})
+    with pytest.raises(ValueError, match="resume needs out"):
+        TrainConfig(resume=True)
+
+
+# ---------------------------------------------------------------- training
+def test_training_learns_and_writes_files(digits, tmp_path):
+    out = str(tmp_path / "run")
+    seen = []
+    res = train(tiny(epochs=4, lr=0.2, augment=False, out=out, eval_every=2), dataset=digits,
+                callback=lambda step, model, rec: seen.append((step, rec["loss"])))
+    assert res.status == "ok" and res.steps == 32 and res.epochs == 4
+    assert [s for s, _ in seen] == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert seen[-1][1] < seen[0][1] - 0.5          # the loss clearly drops
+    assert res.test_acc > 0.5                        # chance is 0.1
+    assert isinstance(res.model, normfree.ResNet) and res.model.num_classes == 10 and res.model.in_chans == 1
+    for f in ("metrics.jsonl", "metrics.csv", "config.json", "summary.json", "checkpoint.pt"):
+        assert os.path.exists(os.path.join(out, f)), f
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in lines if r["kind"] == "eval"] == [16, 32]
+    assert lines[-1]["test_acc"] == pytest.approx(res.test_acc)
+    assert len(open(os.path.join(out, "metrics.csv")).read().splitlines()) == len(lines) + 1
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["config"]["model"] == "skipinit_wrn" and cfg["steps_per_epoch"] == 8 and cfg["train_examples"] == 256
+    summ = json.load(open(os.path.join(out, "summary.json")))
+    assert summ["status"] == "ok" and summ["test_acc"] == pytest.approx(res.test_acc)
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ck["step"] == 32
+    # no resume flag: refuse to overwrite the finished run
+    with pytest.raises(ValueError, match="resume"):
+        train(tiny(out=out), dataset=digits)
+
+
+def _interrupt_by_callback(at):
+    def cb(step, model, rec):
+        if step == at:
+            raise KeyboardInterrupt
+    return cb
+
+
+def _sigint_during_step(at):
+    """A callback that, from the first log on, delivers a real SIGINT in the middle of
+    the ``at``-th training forward pass after it (so during a step, not between steps)."""
+    state = {"n": 0, "hook": None}
+
+    def hook(mod, inp, out):
+        if mod.training:
+            state["n"] += 1
+            if state["n"] == at:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def cb(step, model, rec):
+        if state["hook"] is None:
+            state["hook"] = model.register_forward_hook(hook)
+    return cb
+
+
+@pytest.mark.parametrize("variant", ["callback_mid_epoch", "sigint_during_step", "stop_after_epoch_adamw"])
+def test_interrupted_and_resumed_run_is_exact(digits, tmp_path, variant):
+    opts = dict(steps=20, model_options={"drop_path": 0.2, "dropout": 0.3})  # RNG state matters
+    if variant.endswith("adamw"):
+        opts.update(optimizer="adamw", lr=3e-3, model="nf_wrn", model_options={"drop_path": 0.2})
+    full = train(tiny(**opts, out=str(tmp_path / "full")), dataset=digits)
+    out = str(tmp_path / "parts")
+    if variant == "callback_mid_epoch":
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(**opts, out=out), dataset=digits, callback=_interrupt_by_callback(12))
+        expect = 12
+    elif variant == "sigint_during_step":
+        # hook installed at the step-4 log; its 7th forward is in step 11, which completes first
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(**opts, out=out), dataset=digits, callback=_sigint_during_step(7))
+        expect = 11
+    else:
+        r = train(tiny(**opts, out=out, stop_after_steps=8), dataset=digits)
+        assert r.status == "stopped" and r.steps == 8
+        expect = 8
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ck["step"] == expect
+    assert ck["batch_in_epoch"] == expect % 8
+    resumed = train(tiny(**opts, out=out, resume=True), dataset=digits)
+    assert resumed.steps == 20
+    assert_same_weights(full.model, resumed.model)
+    assert resumed.final_train_loss == full.final_train_loss
+    events = [h for h in resumed.history if h["kind"] == "event"]
+    assert [e["status"] for e in events] == (["stopped"] if variant.endswith("adamw") else ["interrupted"])
+    strip = lambda hs: [(h["kind"], h["step"], h.get("loss"), h.get("test_acc")) for h in hs if h["kind"] != "event"]
+    assert strip(resumed.history) == strip(full.history)
+
+
+def test_resume_rejects_changed_config(digits, tmp_path):
+    out = str(tmp_path / "r")
+    train(tiny(out=out, stop_after_steps=3), dataset=digits)
+    with pytest.raises(ValueError, match="batch_size=32 .checkpoint. vs 16"):
+        train(tiny(out=out, resume=True, batch_size=16), dataset=digits)
+
+
+def test_divergence_is_a_result(digits, tmp_path):
+    out = str(tmp_path / "d")
+
+    def poison(step, model, rec):
+        if step == 12:  # after the epoch-1 checkpoint (step 8)
+            with torch.no_grad():
+                model.fc.weight.fill_(float("nan"))
+
+    res = train(tiny(epochs=3, out=out), dataset=digits, callback=poison)
+    assert res.status == "diverged"
+    assert res.diverged_step == 13 and math.isfinite(res.last_finite_loss)
+    assert res.test_acc is None
+    last = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    assert last["status"] == "diverged" and last["step"] == 13
+    assert json.load(open(os.path.join(out, "summary.json")))["status"] == "diverged"
+    ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ck["step"] == 8  # the last good checkpoint stays
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_amp_channels_last_label_smoothing_fixup_scalars(digits):
+    res = train(tiny(model="fixup_wrn", steps=6, amp=True, channels_last=True, label_smoothing=0.1,
+                     scalar_lr_mult=0.1, schedule="step", warmup_steps=2, nesterov=False), dataset=digits)
+    assert res.status == "ok" and math.isfinite(res.final_train_loss) and 0 <= res.test_acc <= 1
+
+
+def test_agc_option(digits):
+    pytest.importorskip("normfree.agc")
+    res = train(tiny(model="nf_wrn", steps=6, agc=0.01), dataset=digits)
+    assert res.status == "ok" and math.isfinite(res.final_train_loss)
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_train_and_exit_codes(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    common = ["train", "--model", "skipinit_wrn", "--depth", "10", "--batch-size", "32",
+              "--max-train-examples", "128", "--max-test-examples", "64", "--no-progress"]
+    assert main(common + ["--steps", "3", "--opt", "drop_path=0.1", "--out", out]) == 0
+    assert "status ok" in capsys.readouterr().out
+    cfg = json.load(open(os.path.join(out, "config.json")))["config"]
+    assert cfg["model_options"] == {"drop_path": 0.1} and cfg["steps"] == 3
+    assert main(["train", "--steps", "6", "--out", out, "--resume", "--no-progress"]) == 0  # extends the run
+    assert json.load(open(os.path.join(out, "config.json")))["config"]["model_options"] == {"drop_path": 0.1}
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 6
+    assert main(common + ["--steps", "3", "--out", out]) == 2                     # would overwrite
+    assert main(common + ["--model", "bnn_wrn", "--steps", "1"]) == 2
+    div = str(tmp_path / "div")
+    assert main(common[:2] + ["none_wrn"] + common[3:] + ["--lr", "1e6", "--steps", "20", "--log-every", "2",
+                                                          "--out", div]) == EXIT_DIVERGED
+    assert json.load(open(os.path.join(div, "summary.json")))["status"] == "diverged"
+    assert "diverged at step" in capsys.readouterr().err
