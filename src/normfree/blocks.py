@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Activation, Conv2d, ScalarBias, ScalarGain, ScaledStdConv2d, activation_gamma, drop_path
+from .layers import (Activation, Conv2d, ScalarBias, ScalarGain, ScaledStdConv2d, activation_gamma,
+                     bias_relu_bias, drop_path)
 from .schemes import Scheme
 
 
@@ -46,6 +47,18 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     if kind == "in":
         return nn.GroupNorm(channels, channels)
     raise ValueError(f"unknown norm {kind!r}")
+
+
+class BiasActBias(nn.Sequential):
+    """Fixup's pre-activation ``b2 + act(x + b1)``: a Sequential of ScalarBias,
+    Activation, ScalarBias (same state_dict keys) that, for ReLU, runs as one
+    fused op saving a 1-byte mask for backward (:func:`bias_relu_bias`; exact)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b1, act, b2 = self
+        if act.name == "relu":
+            return bias_relu_bias(x, b1.bias, b2.bias)
+        return super().forward(x)
 
 
 def norm_act(scheme: Scheme, channels: int) -> nn.Sequential:
@@ -66,6 +79,8 @@ def norm_act(scheme: Scheme, channels: int) -> nn.Sequential:
         layers += [act, norm_layer(scheme.norm, channels)]
     if scheme.fixup:
         layers.append(ScalarBias())
+        if scheme.norm is None:
+            return BiasActBias(*layers)
     return nn.Sequential(*layers)
 
 
@@ -191,6 +206,15 @@ class ResidualBlock(nn.Module):
             s = self.gain.gain if s is None else self.gain.gain * s
         return s
 
+    def _out_scales(self):
+        # branch_scale() as separate factors, so that the conv's weight cache
+        # (see normfree.layers.Conv2d) sees the same gain tensor on every call
+        if self.gain is None:
+            return self.branch_const
+        if self.branch_const is None:
+            return self.gain.gain
+        return (self.gain.gain, self.branch_const)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fold = self.fold
         out = self.pre(x)
@@ -214,8 +238,9 @@ class ResidualBlock(nn.Module):
                 if s_in is not None and not fold:
                     r = r * s_in
                     s_in = None
-            if i == last and fold:
-                r = conv(r, in_scale=s_in, out_scale=self.branch_scale())
+            if i == last and fold:  # Fixup's bias after the branch goes into the conv bias
+                out_bias = self.out_bias.bias if self.out_bias is not None else None
+                r = conv(r, in_scale=s_in, out_scale=self._out_scales(), add_bias=out_bias)
             else:
                 r = conv(r, in_scale=s_in)
         if not fold:
@@ -223,7 +248,7 @@ class ResidualBlock(nn.Module):
             s = self.branch_scale()
             if s is not None:
                 r = r * s
-        if self.out_bias is not None:
+        if self.out_bias is not None and not fold:
             r = self.out_bias(r)
         r = drop_path(r, self.drop_path, self.training)
         if self.skip_scale is not None:

@@ -94,35 +94,155 @@ def activation_gamma(act: Union[str, Callable[[torch.Tensor], torch.Tensor]]) ->
 # --------------------------------------------------------------------------
 # convolutions
 # --------------------------------------------------------------------------
+def _as_factor(scale):
+    """A scale (float, 0-d or per-channel tensor, or a tuple of those) as one
+    factor shaped to broadcast over a conv weight (out, in, kh, kw)."""
+    if isinstance(scale, tuple):
+        f = None
+        for s in scale:
+            s = _as_factor(s)
+            if s is not None:
+                f = s if f is None else f * s
+        return f
+    if isinstance(scale, torch.Tensor) and scale.dim() > 0:
+        return scale.reshape(-1, 1, 1, 1)
+    return scale
+
+
 def _fold(w: torch.Tensor, b: Optional[torch.Tensor], in_scale: Scale, out_scale: Scale):
     """Fold ``in_scale`` (scalar) and ``out_scale`` (scalar or per-channel) into w, b."""
-    s = None
-    if in_scale is not None:
-        s = in_scale
-    if out_scale is not None:
-        o = out_scale.reshape(-1, 1, 1, 1) if isinstance(out_scale, torch.Tensor) else out_scale
+    s = _as_factor(in_scale)
+    o = _as_factor(out_scale)
+    if o is not None:
         s = o if s is None else s * o
         if b is not None:
-            b = b * (out_scale.reshape(-1) if isinstance(out_scale, torch.Tensor) else out_scale)
+            b = b * (o.reshape(-1) if isinstance(o, torch.Tensor) else o)
     if s is not None:
         w = w * s
     return w, b
 
 
+def _add_bias(b: Optional[torch.Tensor], extra: Optional[torch.Tensor], channels: int):
+    if extra is None:
+        return b
+    extra = extra.reshape(-1).expand(channels)
+    return extra if b is None else b + extra
+
+
+def _scale_key(scale) -> tuple:
+    # identity + version of tensors, value of numbers: equal keys => equal scales
+    if isinstance(scale, tuple):
+        return tuple(_scale_key(s) for s in scale)
+    if isinstance(scale, torch.Tensor):
+        return (id(scale), scale._version, scale.data_ptr(), scale.dtype, scale.device)
+    return (scale,)
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` whose forward folds scalar multipliers into its weight.
 
-    ``forward(x, in_scale=a, out_scale=b) == b * conv(a * x)``; with no scales it
-    is exactly ``nn.Conv2d``. State-dict compatible with ``nn.Conv2d``.
+    ``forward(x, in_scale=a, out_scale=b, add_bias=c) == b * conv(a * x) + c``;
+    with no scales it is exactly ``nn.Conv2d``. ``out_scale`` may be a number,
+    a 0-d or per-channel tensor, or a tuple of those (multiplied); ``add_bias``
+    a 0-d or per-channel tensor added to the bias (Fixup's bias after the
+    branch). State-dict compatible with ``nn.Conv2d``.
+
+    Without autograd (``torch.no_grad()`` / ``torch.inference_mode()``) the
+    folded weight is computed once and cached, keyed on the identity,
+    ``_version`` counter and storage of every tensor involved (weight, bias,
+    gain, tensor scales) and on the values of numeric scales: an optimizer step
+    or ``load_state_dict`` (in-place updates) bumps ``_version``, ``.to()``
+    changes the storage, so the cache is never stale. It holds no autograd
+    graph and is left out of ``state_dict``, pickling and ``deepcopy``.
     """
 
     def effective_weight(self) -> torch.Tensor:
         """The weight actually convolved (before any folded scale)."""
         return self.weight
 
-    def forward(self, x: torch.Tensor, in_scale: Scale = None, out_scale: Scale = None) -> torch.Tensor:
+    def _cache_tensors(self) -> tuple:
+        return (self.weight, self.bias)
+
+    def folded_weight_bias(self, in_scale: Scale = None, out_scale: Scale = None,
+                           add_bias: Optional[torch.Tensor] = None):
+        """(weight, bias) with the scales folded in:
+        ``conv(x, w, b) == out_scale * self(in_scale * x) + add_bias``."""
         w, b = _fold(self.effective_weight(), self.bias, in_scale, out_scale)
+        return w, _add_bias(b, add_bias, self.out_channels)
+
+    def _cached_weight_bias(self, in_scale: Scale, out_scale: Scale, add_bias: Optional[torch.Tensor]):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.folded_weight_bias(in_scale, out_scale, add_bias)
+        tensors = self._cache_tensors()
+        key = (tuple(_scale_key(t) for t in tensors), _scale_key(in_scale), _scale_key(out_scale),
+               _scale_key(add_bias))
+        cache = self.__dict__.get("_fold_cache")
+        if cache is None or cache[0] != key:
+            # the tensors are kept alive with the entry, so their ids cannot be reused
+            cache = (key, tensors, in_scale, out_scale, add_bias,
+                     self.folded_weight_bias(in_scale, out_scale, add_bias))
+            self.__dict__["_fold_cache"] = cache
+        return cache[-1]
+
+    def clear_cache(self) -> None:
+        """Drop the cached folded weight (it is rebuilt on the next no-grad call)."""
+        self.__dict__.pop("_fold_cache", None)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_fold_cache", None)
+        return state
+
+    def forward(self, x: torch.Tensor, in_scale: Scale = None, out_scale: Scale = None,
+                add_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w, b = self._cached_weight_bias(in_scale, out_scale, add_bias)
         return self._conv_forward(x, w, b)
+
+
+def _standardize(w: torch.Tensor, eps: float):
+    """Per output channel of ``w`` (out, fan_in): centered c = W - mean(W) and
+    r = 1 / sqrt(max(N var(W), eps)); the standardized weight is c * r."""
+    c = w - w.mean(dim=1, keepdim=True)
+    var = (c * c).mean(dim=1, keepdim=True)
+    r = torch.rsqrt(torch.clamp(var * w.shape[1], min=eps))
+    return c, r, var
+
+
+class _ScaledStdWeight(torch.autograd.Function):
+    """W_hat = m * (W - mean W) / sqrt(max(N var W, eps)) per output channel,
+    m a per-channel multiplier (gain x folded scales), with a hand-written
+    backward: a handful of weight-sized passes instead of autograd's ~15.
+
+    With u = c r the standardized weight and g = dL/dW_hat:
+    dL/dm = sum(g u); dL/dW = r m (g - mean(g) - u sum(g u)) (the last term
+    vanishes where the eps guard is active); sum(u) = 0 removes the mean of
+    the middle term. Used only when autograd records the weight.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, mult, eps):
+        w = weight.reshape(weight.shape[0], -1)
+        c, r, var = _standardize(w, eps)
+        m = mult.reshape(-1, 1)
+        ctx.save_for_backward(c, r, m, var * w.shape[1] >= eps)
+        ctx.mult_shape = mult.shape
+        return (c * (r * m)).view_as(weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        c, r, m, free = ctx.saved_tensors
+        g = grad.reshape(c.shape)
+        gc = torch.bmm(g.unsqueeze(1), c.unsqueeze(2)).view(-1, 1)  # sum(g c) per channel
+        dot = gc * r  # sum(g u)
+        grad_w = grad_m = None
+        if ctx.needs_input_grad[0]:
+            rm = r * m
+            t = torch.addcmul(g, c, torch.where(free, dot * r, torch.zeros_like(dot)), value=-1.0)
+            grad_w = torch.addcmul(-g.mean(dim=1, keepdim=True) * rm, t, rm).view_as(grad)
+        if ctx.needs_input_grad[1]:
+            grad_m = dot.view(ctx.mult_shape)  # mult is passed as (out, 1, 1, 1)
+        return grad_w, grad_m, None
 
 
 class ScaledStdConv2d(Conv2d):
@@ -133,7 +253,9 @@ class ScaledStdConv2d(Conv2d):
     mean and biased variance over the fan-in axes of each output channel,
     N = fan-in, g a learnable per-channel gain (init 1); bias init 0. Written
     with plain mean ops (no ``std_mean``) so it exports with ``torch.export``
-    and ONNX.
+    and ONNX. In training the gain and any folded scales enter as one
+    per-channel multiplier of a fused standardization with a hand-written
+    backward; without autograd the result is cached (see :class:`Conv2d`).
     """
 
     def __init__(self, *args, eps: float = 1e-4, **kwargs):
@@ -147,13 +269,29 @@ class ScaledStdConv2d(Conv2d):
 
     def standardized_weight(self) -> torch.Tensor:
         """(W - mean) / sqrt(max(N var, eps)) without the gain."""
-        w = self.weight
-        centered = w - w.mean(dim=(1, 2, 3), keepdim=True)
-        var = (centered * centered).mean(dim=(1, 2, 3), keepdim=True)
-        return centered * torch.rsqrt(torch.clamp(var * self.fan_in, min=self.eps))
+        c, r, _ = _standardize(self.weight.reshape(self.out_channels, -1), self.eps)
+        return (c * r).view_as(self.weight)
 
     def effective_weight(self) -> torch.Tensor:
-        return self.standardized_weight() * self.gain
+        return self.folded_weight_bias()[0]
+
+    def _cache_tensors(self) -> tuple:
+        return (self.weight, self.bias, self.gain)
+
+    def folded_weight_bias(self, in_scale: Scale = None, out_scale: Scale = None,
+                           add_bias: Optional[torch.Tensor] = None):
+        o = _as_factor(out_scale)
+        m = _as_factor((self.gain, in_scale, o))
+        b = self.bias
+        if o is not None and b is not None:
+            b = b * (o.reshape(-1) if isinstance(o, torch.Tensor) else o)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
+                self.weight.requires_grad or m.requires_grad):
+            w = _ScaledStdWeight.apply(self.weight, m.expand(self.out_channels, 1, 1, 1), self.eps)
+        else:
+            c, r, _ = _standardize(self.weight.reshape(self.out_channels, -1), self.eps)
+            w = (c * (r * m.reshape(-1, 1))).view_as(self.weight)
+        return w, _add_bias(b, add_bias, self.out_channels)
 
 
 # --------------------------------------------------------------------------
@@ -179,6 +317,38 @@ class ScalarBias(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.bias
+
+
+class _BiasReluBias(torch.autograd.Function):
+    """relu(x + b1) + b2 in one autograd node that saves a 1-byte mask
+    (x + b1 > 0, exactly what ReLU's backward tests) instead of a float tensor."""
+
+    @staticmethod
+    def forward(ctx, x, b1, b2):
+        t = x + b1
+        mask = t > 0
+        ctx.save_for_backward(mask)
+        return t.clamp_min_(0).add_(b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        mask, = ctx.saved_tensors
+        gx = grad * mask
+        gb1 = gx.sum() if ctx.needs_input_grad[1] else None
+        gb2 = grad.sum() if ctx.needs_input_grad[2] else None
+        return gx, gb1, gb2
+
+
+def bias_relu_bias(x: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """relu(x + b1) + b2 for scalar tensors b1, b2 (Fixup's biased activation):
+    one output allocation and, under autograd, a bool mask saved instead of
+    the float activation. Same values and gradients as the three plain ops."""
+    if torch.compiler.is_compiling():
+        return F.relu(x + b1) + b2
+    if torch.is_grad_enabled() and (x.requires_grad or b1.requires_grad or b2.requires_grad):
+        return _BiasReluBias.apply(x, b1, b2)
+    return (x + b1).clamp_min_(0).add_(b2)
 
 
 class Activation(nn.Module):

@@ -1,0 +1,92 @@
+"""Export a BN-free model as plain convolutions with its scalars folded in.
+
+:func:`fold_model` returns a copy of a model in which every convolution is a
+plain convolution (:class:`normfree.layers.Conv2d`, an ``nn.Conv2d`` with the
+same forward) holding its *effective* weight, and no residual block carries a
+scalar multiplier any more. A convolution is linear, so
+
+    out_scale * conv(in_scale * x; W, b) = conv(x; in_scale * out_scale * W, out_scale * b)
+
+is exact; folded are Scaled Weight Standardization with its gain (Brock et al.
+2021), NF-ResNet's gamma/beta on the pre-activation and gamma on the mid
+activations, alpha, the SkipInit / Fixup branch gain, RescaleNet's b_l, the
+Fixup bias after the branch (added to the last conv's bias), and NF's head
+gamma (into the classifier). Left as they are: Fixup's scalar biases *before*
+convolutions (``conv(x + b)`` is not ``conv(x) + const`` at zero-padded
+borders), RescaleNet's a_l on the skip path (one fused add already), and
+stochastic depth. Models with normalization layers are refused.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .blocks import ResidualBlock
+from .layers import Conv2d, Scale
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _plain_conv(conv: Conv2d, in_scale: Scale = None, out_scale: Scale = None,
+                extra_bias: Optional[torch.Tensor] = None) -> Conv2d:
+    """A plain Conv2d computing ``out_scale * conv(in_scale * x) + extra_bias``."""
+    w, b = conv.folded_weight_bias(in_scale, out_scale, extra_bias)
+    new = Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=b is not None,
+                 padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
+    new.weight.copy_(w)
+    if b is not None:
+        new.bias.copy_(b)
+    return new.train(conv.training)
+
+
+def _fold_block(block: ResidualBlock) -> None:
+    s_in = block.in_scale
+    if block.shortcut is not None and block.shortcut_uses_preact:
+        block.shortcut = _plain_conv(block.shortcut, in_scale=s_in)
+    last = len(block.convs) - 1
+    for i, conv in enumerate(block.convs):
+        scale = s_in if i == 0 else block.mid_scale
+        if i == last:
+            extra = block.out_bias.bias if block.out_bias is not None else None
+            block.convs[i] = _plain_conv(conv, scale, block._out_scales(), extra)
+        else:
+            block.convs[i] = _plain_conv(conv, scale)
+    block.in_scale = block.mid_scale = block.branch_const = None
+    block.gain = block.out_bias = None
+    block.expected_var = None  # no alpha left to track it with
+
+
+def fold_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with plain convolutions and every foldable scalar
+    folded into their weights (see the module docstring); outputs and input
+    gradients equal the original's up to float rounding. ``model`` is not changed.
+
+    Raises ValueError for models with normalization layers (methods bn,
+    relubn, gn, ln, in): their blocks carry no scalar to fold.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_model expects an nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        if isinstance(m, _NORMS):
+            raise ValueError(f"fold_model folds the scalars of BN-free models, but {name!r} is a "
+                             f"{type(m).__name__}; methods with normalization layers (bn, relubn, gn, "
+                             f"ln, in) have nothing to fold")
+    folded = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in [m for m in folded.modules() if isinstance(m, ResidualBlock)]:
+            _fold_block(block)
+        # every remaining conv (stem, ...): effective weight -> plain conv
+        for parent in list(folded.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv2d) and type(child) is not Conv2d:
+                    setattr(parent, name, _plain_conv(child))
+        head = getattr(folded, "head_scale", None)
+        fc = getattr(folded, "fc", None)
+        if head is not None and isinstance(fc, nn.Linear):  # NF: gamma after the pool -> classifier
+            fc.weight.mul_(head)
+            folded.head_scale = None
+    return folded

@@ -1,0 +1,228 @@
+"""Every performance shortcut is exact: the fused Scaled-WS backward, scalar
+folding, the no-grad weight cache and fold_model / torch.export."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import normfree
+from normfree.blocks import unfolded
+from normfree.fold import fold_model
+from normfree.layers import Conv2d, ScaledStdConv2d, _ScaledStdWeight
+
+FOLDABLE = ["nf", "nf_he", "skipinit", "fixup", "rescale", "none"]
+
+
+def reference_ws(w, gain, eps=1e-4):
+    """The definition, written with plain autograd ops."""
+    n = w[0].numel()
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    var = ((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)
+    return gain * (w - mean) / torch.sqrt(torch.clamp(n * var, min=eps))
+
+
+def perturbed(name, **kw):
+    """A small model whose zero-initialized gains / layers are made non-zero."""
+    torch.manual_seed(0)
+    model = normfree.create_model(name, depth=10, width=1, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_fused_ws_backward_matches_autograd_reference_and_gradcheck():
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64)
+    w[1] = 0.3  # constant filter: the eps guard is active
+    w[2] *= 1e-4  # tiny filter: guard active, gradient differs from the unguarded one
+    w.requires_grad_(True)
+    m = torch.rand(6, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    fused = _ScaledStdWeight.apply(w, m, 1e-4)
+    torch.testing.assert_close(fused, reference_ws(w, m), rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(w)
+    got = torch.autograd.grad((fused * g).sum(), (w, m))
+    want = torch.autograd.grad((reference_ws(w, m) * g).sum(), (w, m))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda w, m: _ScaledStdWeight.apply(w, m, 1e-4), (w, m))
+
+
+def test_scaled_std_conv_training_grads_equal_reference():
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(4, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.gain.uniform_(0.5, 2.0)
+        conv.bias.normal_()
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    s = torch.tensor(0.7, requires_grad=True)  # a learnable folded scale (SkipInit gain)
+    out = conv(x, in_scale=1.3, out_scale=s)
+    ref = s * F.conv2d(1.3 * x, reference_ws(conv.weight, conv.gain), conv.bias, padding=1)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    params = (x, s, conv.weight, conv.gain, conv.bias)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FOLDABLE)
+def test_folded_scalars_give_same_outputs_and_gradients(name):
+    model = perturbed(f"{name}_wrn")
+    x = torch.randn(3, 3, 8, 8)
+    y = torch.tensor([1, 2, 3])
+
+    def run():
+        model.zero_grad()
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out_f, grads_f = run()
+    with unfolded(model):
+        out_u, grads_u = run()
+    torch.testing.assert_close(out_f, out_u, rtol=1e-5, atol=1e-6)
+    assert grads_f.keys() == grads_u.keys()
+    for n in grads_f:
+        torch.testing.assert_close(grads_f[n], grads_u[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _eval_out(model, x, grad: bool):
+    with torch.set_grad_enabled(grad):
+        return model(x).detach()
+
+
+@pytest.mark.parametrize("name", ["nf_wrn", "skipinit_wrn"])
+def test_no_grad_cache_is_invalidated_by_optimizer_step_and_load_state_dict(name):
+    model = perturbed(name).eval()
+    x = torch.randn(2, 3, 8, 8)
+    convs = [m for m in model.modules() if isinstance(m, Conv2d)]
+    with torch.no_grad():
+        first = model(x)
+    assert all("_fold_cache" in c.__dict__ for c in convs)
+    for c in convs:
+        w, b = c.__dict__["_fold_cache"][-1]
+        assert w.grad_fn is None and (w is c.weight or not w.requires_grad)  # no autograd graph held
+    torch.testing.assert_close(first, _eval_out(model, x, grad=True), rtol=0, atol=0)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    opt.step()
+    model.eval()
+    after = _eval_out(model, x, grad=False)
+    assert not torch.allclose(after, first)  # a stale cache would give `first`
+    torch.testing.assert_close(after, _eval_out(model, x, grad=True), rtol=0, atol=0)
+
+    other = perturbed(name)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(_eval_out(model, x, grad=False), _eval_out(other.eval(), x, grad=True),
+                               rtol=0, atol=0)
+
+
+def test_cache_not_in_state_dict_and_survives_deepcopy_pickle_and_dtype_change():
+    model = perturbed("nf_wrn").eval()
+    x = torch.randn(2, 3, 8, 8)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        ref = model(x)
+    assert list(model.state_dict()) == keys
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert not any("_fold_cache" in m.__dict__ for m in clone.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), ref, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    model.double()  # new storages and dtype: the cache must not serve the float32 weights
+    with torch.no_grad():
+        out = model(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["nf", "nf_he", "skipinit", "fixup", "rescale"])
+def test_fold_model_is_plain_convs_with_same_outputs_and_input_grads(name):
+    model = perturbed(f"{name}_wrn", drop_path=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_model(model)
+    convs = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(type(c) is Conv2d for c in convs)  # plain convolutions
+    for block in folded.blocks:
+        assert block.in_scale is None and block.mid_scale is None and block.branch_scale() is None
+        assert block.out_bias is None
+    assert getattr(folded, "head_scale", None) is None
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        folded.train(mode == "train")
+        x = torch.randn(3, 3, 8, 8, requires_grad=True)
+        a, b = model(x), folded(x)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(a)
+        ga, = torch.autograd.grad((a * g).sum(), x)
+        gb, = torch.autograd.grad((b * g).sum(), x)
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    for k, v in model.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_fold_model_refuses_models_with_normalization():
+    with pytest.raises(ValueError, match=r"BatchNorm2d.*nothing to fold"):
+        fold_model(normfree.create_model("bn_wrn", depth=10, width=1))
+    with pytest.raises(TypeError, match="nn.Module"):
+        fold_model("nf_wrn")
+
+
+def test_torch_export_of_nf_model_and_its_folded_copy():
+    model = perturbed("nf_wrn").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    for m in (model, fold_model(model)):
+        exported = torch.export.export(m, (x,))
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_bias_relu_bias_equals_plain_ops_values_and_grads():
+    from normfree.layers import bias_relu_bias
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    x[0, 0, 0, :3] = -0.25  # exact ties x + b1 == 0: ReLU's gradient there is 0
+    b1 = torch.tensor(0.25, dtype=torch.float64)
+    b2 = torch.tensor(-0.1, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, b1, b2)]
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, b1, b2)]
+    out = bias_relu_bias(*leaves)
+    ref = F.relu(ref_leaves[0] + ref_leaves[1]) + ref_leaves[2]
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), ref_leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(bias_relu_bias(x, b1, b2), ref.detach())
+    smooth = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)  # no kinks: finite differences apply
+    assert torch.autograd.gradcheck(bias_relu_bias, (smooth, leaves[1], leaves[2]))
+
+
+def test_bn_free_methods_save_less_for_backward_than_bn():
+    """Memory: bytes of the tensors autograd keeps for backward (what the benchmark reports on CPU)."""
+    def saved_bytes(name):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(0)
+        model = normfree.create_model(name, depth=10, width=1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(16, 3, 32, 32)).sum()
+        return sum(seen.values())
+
+    bn = saved_bytes("bn_wrn")
+    for name in ("none", "skipinit", "fixup", "nf", "nf_he", "rescale"):
+        assert saved_bytes(f"{name}_wrn") < 0.8 * bn, name
