@@ -8,6 +8,8 @@ from .layers import (ACTIVATIONS, PUBLISHED_GAMMAS, RELU_GAMMA, Conv2d, ScalarBi
                      ScaledStdConv2d, activation_gamma, get_activation)
 from .models import ARCHS, Arch, ResNet, create_model, list_models, make_arch
 from .schemes import SCHEMES, Scheme, list_methods, make_scheme
+from .signal import (BlockStats, GradStats, SignalStats, effective_depth, find_blocks, measure_gradients,
+                     measure_signal, path_length_distribution, predict_variance)
 from .train import TrainConfig, TrainResult, evaluate, train
 
 __version__ = "0.1.0"

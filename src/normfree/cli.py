@@ -83,7 +83,44 @@ def add_train(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [add_models, add_data, add_train]
+def add_spp(sub) -> None:
+    p = sub.add_parser("spp", help="signal propagation plot of models at initialization",
+                       description="Feed N(0,1) noise through freshly initialized models and plot, per residual "
+                                   "block, the squared channel mean, the channel variance and the residual-branch "
+                                   "variance (Brock et al. 2021). Writes OUT (.png and .svg), and .csv/.json beside it.")
+    p.add_argument("--model", required=True, help="model name, e.g. nf_resnet50 or nf_wrn (see `normfree models`)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="NAME", help="more models on the same figure")
+    p.add_argument("--depth", type=int, default=None, help="WRN depth 6n+4 (default 16)")
+    p.add_argument("--width", type=float, default=None, help="WRN width k / ResNet channel multiplier")
+    p.add_argument("--batch", type=int, default=256, help="noise samples (default 256)")
+    p.add_argument("--resolution", type=int, default=32, help="input height = width (default 32)")
+    p.add_argument("--in-chans", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--chunk", type=int, default=None, help="samples per forward pass (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the noise")
+    p.add_argument("--out", default="spp.png", help="figure path; .csv and .json are written beside it")
+
+    def run(args) -> int:
+        import os
+
+        from .plots import plot_spp
+        from .signal import compare_models, format_table, write_csv, write_json
+
+        names = [args.model] + list(args.compare)
+        results, preds = compare_models(names, batch=args.batch, resolution=args.resolution,
+                                        in_chans=args.in_chans, chunk_size=args.chunk, seed=args.seed,
+                                        depth=args.depth, width=args.width)
+        stem = os.path.splitext(args.out)[0] if args.out.lower().endswith((".png", ".svg")) else args.out
+        figs = plot_spp(results, stem + ".png", predictions=preds)
+        meta = {k: getattr(args, k) for k in ("depth", "width", "batch", "resolution", "in_chans", "chunk", "seed")}
+        files = figs + [write_csv(results, stem + ".csv", preds), write_json(results, stem + ".json", preds, meta)]
+        print(format_table(results, preds))
+        print("wrote " + ", ".join(files))
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [add_models, add_data, add_train, add_spp]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,392 @@
+"""Signal propagation: the SPP properties the papers claim, exactness of chunking,
+hooks that leave the model alone, foreign models, predictions, errors."""
+import contextlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import normfree
+from normfree.signal import (compare_models, effective_depth, find_blocks, measure_gradients, measure_signal,
+                             path_length_distribution, predict_variance, write_csv, write_json)
+
+
+def model(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("depth", 28)
+    kw.setdefault("width", 1)
+    return normfree.create_model(name, **kw)
+
+
+def by_stage(stats):
+    out = {}
+    for r in stats:
+        out.setdefault(r.stage, []).append(r)
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------
+# the papers' SPP properties
+# --------------------------------------------------------------------------
+def test_relubn_variance_grows_linearly_within_each_stage():
+    stats = measure_signal(model("relubn_wrn"), (32, 3, 16, 16))
+    assert [len(s) for s in by_stage(stats)] == [4, 4, 4]
+    for stage in by_stage(stats):
+        var = np.array([r.var for r in stage])
+        inc = np.diff(var)
+        assert np.all(inc > 0)
+        # constant increments (linear), not a constant ratio (exponential)
+        assert inc.max() / inc.min() < 1.6, inc
+        k = np.arange(len(var))
+        fit = np.polyfit(k, var, 1)
+        resid = var - np.polyval(fit, k)
+        assert 1 - resid.var() / var.var() > 0.98
+        # the branch adds ~ its own variance (ReLU -> BN -> He conv: ~2) per block
+        assert 1.0 < inc.mean() < 2.5
+        assert all(0.7 * inc.mean() < r.res_var < 1.5 * inc.mean() for r in stage[1:])
+    # the branch is downscaled relative to the skip path by ~1/sqrt(l) (De & Smith 2020)
+    ratios = [r.ratio for r in by_stage(stats)[0]]
+    assert all(a > b for a, b in zip(ratios, ratios[1:]))
+    l = np.arange(1, 5)
+    assert np.allclose(np.array(ratios) * np.sqrt(l), ratios[0], rtol=0.2)
+
+
+def test_unnormalized_variance_roughly_doubles_per_block():
+    stats = measure_signal(model("none_wrn", width=2), (8, 3, 32, 32))
+    ratios = [b.var / a.var for s in by_stage(stats) for a, b in zip(s, s[1:])]
+    gmean = math.exp(np.mean(np.log(ratios)))
+    # He init preserves the second moment, which doubles; the variance loses
+    # the part that becomes channel means: between (2 - 1/pi) = 1.68 and 2
+    assert 1.5 < gmean < 2.5, ratios
+    second = [r.var + r.mean_sq for r in stats]
+    g2 = (second[-1] / second[0]) ** (1 / (len(second) - 1))
+    assert 1.6 < g2 < 2.4
+    assert stats[-1].var > 100 * stats.input_var
+
+
+def test_nf_scaled_ws_keeps_unit_branch_variance_and_tracks_one_plus_k_alpha2():
+    m = model("nf_wrn")
+    stats = measure_signal(m, (8, 3, 64, 64))
+    alpha = 0.2
+    for r in stats:
+        assert 0.75 < r.res_var < 1.25, (r.index, r.res_var)
+        assert r.mean_sq < 0.03
+        assert r.branch_scale == pytest.approx(alpha)
+    # var after the k-th block of a stage ~ 1 + k alpha^2 (width 1: the first
+    # stage has no transition, so its count runs on from the stem's 1)
+    expected = [b.expected_var_out for b in m.blocks]
+    assert expected[:5] == pytest.approx([1 + k * alpha ** 2 for k in (1, 2, 3, 4, 1)])
+    assert max(abs(r.var - e) for r, e in zip(stats, expected)) < 0.15
+    for stage in by_stage(stats):
+        slope = np.polyfit(np.arange(len(stage)), [r.var for r in stage], 1)[0]
+        assert 0.4 * alpha ** 2 < slope < 1.6 * alpha ** 2, slope
+    assert expected == pytest.approx(predict_variance(m))
+
+
+def test_nf_he_shows_the_mean_drift_that_scaled_ws_removes():
+    ws = measure_signal(model("nf_wrn"), (8, 3, 64, 64))
+    he = measure_signal(model("nf_he_wrn"), (8, 3, 64, 64))
+    assert he[-1].mean_sq > 20 * ws[-1].mean_sq
+    assert he[-1].mean_sq > 5 * he[0].mean_sq  # drifts upward with depth
+    assert max(r.res_var for r in he) > 1.25  # and the branch variance is not steady
+
+
+def test_skipinit_alpha_zero_keeps_the_variance_constant():
+    m = model("skipinit_wrn")
+    assert all(b.gain.gain.item() == 0.0 for b in m.blocks)
+    stats = measure_signal(m, (16, 3, 16, 16))
+    for stage in by_stage(stats):
+        assert [r.var for r in stage] == pytest.approx([stage[0].var] * len(stage), rel=1e-6)
+    assert stats[0].var == pytest.approx(stats.input_var, rel=1e-6)
+    assert all(r.ratio == 0.0 for r in stats)
+    assert all(r.res_var > 0.1 for r in stats)  # f(x) is still measured (before the zero gain)
+    assert max(r.var for r in stats) / min(r.var for r in stats) < 3
+    pred = predict_variance(m, v0=stats.input_var)
+    assert pred == pytest.approx([stats.input_var] * len(stats))
+
+
+def test_residual_variance_before_gain_equals_unfolded_branch_out():
+    m = model("nf_wrn", depth=10)
+    x = torch.randn(8, 3, 8, 8)
+    stats = measure_signal(m, x)
+    seen = []
+    hooks = [b.branch_out.register_forward_hook(lambda _m, _i, o: seen.append(o.var(dim=(0, 2, 3), unbiased=False).mean()))
+             for b in m.blocks]
+    with normfree.unfolded(m), torch.no_grad():
+        m.eval()(x)
+    for h in hooks:
+        h.remove()
+    assert [r.res_var for r in stats] == pytest.approx([float(v) for v in seen], rel=1e-4)
+
+
+# --------------------------------------------------------------------------
+# exactness, side effects
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["nf_wrn", "skipinit_wrn", "rescale_wrn"])
+def test_chunked_and_one_pass_measurements_agree(name):
+    m = model(name, depth=16)
+    x = torch.randn(24, 3, 8, 8) * 3 + 1  # a mean shift makes the sums of squares work
+    one = measure_signal(m, x)
+    chunked = measure_signal(m, x, chunk_size=5)
+    for a, b in zip(one, chunked):
+        for f in ("mean_sq", "var", "res_var", "skip_var", "ratio"):
+            assert getattr(b, f) == pytest.approx(getattr(a, f), rel=1e-5, abs=1e-9), (name, a.index, f)
+    # generated noise is the same whatever the chunk size
+    g1 = measure_signal(m, (24, 3, 8, 8), seed=3)
+    g2 = measure_signal(m, (24, 3, 8, 8), seed=3, chunk_size=7)
+    assert g1.column("var") == pytest.approx(g2.column("var"), rel=1e-5)
+    assert measure_signal(m, (24, 3, 8, 8), seed=4).column("var") != pytest.approx(g1.column("var"), rel=1e-5)
+
+
+def test_statistics_match_a_direct_computation():
+    m = model("bn_wrn", depth=10)
+    x = torch.randn(16, 3, 8, 8)
+    outs = []
+    hooks = [b.register_forward_hook(lambda _m, _i, o: outs.append(o.detach())) for b in m.blocks]
+    m.train()
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    m2 = model("bn_wrn", depth=10)  # the same weights, fresh running stats
+    stats = measure_signal(m2, x)
+    for r, o in zip(stats, outs):
+        assert r.mean_sq == pytest.approx(float(o.mean(dim=(0, 2, 3)).square().mean()), rel=1e-4)
+        assert r.var == pytest.approx(float(o.var(dim=(0, 2, 3), unbiased=False).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("name,train", [("bn_wrn", True), ("nf_wrn", False), ("skipinit_wrn", True)])
+def test_measuring_leaves_the_model_unchanged(name, train):
+    m = model(name, depth=10)
+    m.train(train)
+    x = torch.randn(8, 3, 8, 8)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    flags = [mod.training for mod in m.modules()]
+    hooks = [len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules()]
+    with torch.no_grad():
+        before = m.eval()(x)
+    m.train(train)
+    with pytest.warns(UserWarning) if name == "bn_wrn" else contextlib.nullcontext():
+        measure_signal(m, x, chunk_size=3)
+    measure_gradients(m, x, torch.randint(0, 10, (8,)))
+    assert [mod.training for mod in m.modules()] == flags
+    assert [len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules()] == hooks
+    assert all(b.fold for b in m.blocks)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert all(p.grad is None for p in m.parameters())
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), before)
+
+
+def test_bn_chunks_warn_and_running_mode_differs():
+    m = model("bn_wrn", depth=10)
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.warns(UserWarning, match="chunk"):
+        measure_signal(m, x, chunk_size=4)
+    batch = measure_signal(m, x)
+    running = measure_signal(m, x, bn_stats="running")  # BN = identity at init: no normalization
+    assert running[-1].var > 2 * batch[-1].var
+    with pytest.raises(ValueError, match="bn_stats"):
+        measure_signal(m, x, bn_stats="train")
+
+
+# --------------------------------------------------------------------------
+# anyone's model
+# --------------------------------------------------------------------------
+class TVBlock(nn.Module):
+    """A torchvision-style post-activation BasicBlock, written here (not ours)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        idt = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + idt)
+
+
+class TVResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1)
+        self.layer1 = nn.Sequential(TVBlock(8, 8, 1), TVBlock(8, 8, 1))
+        self.layer2 = nn.Sequential(TVBlock(8, 16, 2), TVBlock(16, 16, 1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.conv1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class OddBlock(nn.Module):
+    """A residual block with names no heuristic knows: y = x + 0.5 * body(x)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        return x + 0.5 * self.body(x)
+
+
+def test_a_foreign_torchvision_style_resnet_is_measured():
+    torch.manual_seed(0)
+    net = TVResNet()
+    assert find_blocks(net) == [net.layer1[0], net.layer1[1], net.layer2[0], net.layer2[1]]
+    x = torch.randn(16, 3, 8, 8)
+    seen = []
+    hooks = [b.bn2.register_forward_hook(lambda _m, _i, o: seen.append(float(o.var(dim=(0, 2, 3), unbiased=False).mean())))
+             for b in find_blocks(net)]
+    with torch.no_grad():
+        net.train()(x)
+    for h in hooks:
+        h.remove()
+    torch.manual_seed(0)
+    net = TVResNet()
+    stats = measure_signal(net, x)
+    assert [r.name for r in stats] == ["layer1.0", "layer1.1", "layer2.0", "layer2.1"]
+    assert [r.stage for r in stats] == [1, 1, 2, 2]
+    assert [r.channels for r in stats] == [8, 8, 16, 16]
+    for r, v in zip(stats, seen):
+        assert r.res_var == pytest.approx(v, rel=1e-4)  # BN output: ~1
+        assert r.skip_var is not None and r.ratio is not None
+
+
+def test_user_named_blocks_and_branches():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), OddBlock(8), OddBlock(8), OddBlock(8))
+    with pytest.raises(ValueError, match="blocks="):
+        measure_signal(net, (4, 3, 8, 8))
+    blocks = list(net)[1:]
+    stats = measure_signal(net, (4, 3, 8, 8), blocks=blocks)
+    assert [r.name for r in stats] == ["1", "2", "3"]
+    assert all(r.res_var is None and r.ratio is None for r in stats)  # branch unknown: documented None
+    stats = measure_signal(net, (4, 3, 8, 8), blocks=blocks, branches={b: b.body for b in blocks})
+    assert all(r.res_var > 0 for r in stats)
+    assert stats[0].var > stats.input_var
+
+
+# --------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------
+def test_clear_errors_for_bad_input():
+    m = model("nf_wrn", depth=10)
+    stranger = nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match=r"blocks\[1\] \(Conv2d\) is not a module of this ResNet"):
+        measure_signal(m, (2, 3, 8, 8), blocks=[m.blocks[0], stranger])
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
+        measure_signal(m, torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="input must have a batch dimension"):
+        measure_signal(m, torch.randn(3))
+    with pytest.raises(TypeError, match="x must be a tensor or an input shape"):
+        measure_signal(m, "noise")
+    with pytest.raises(ValueError, match="chunk_size"):
+        measure_signal(m, (2, 3, 8, 8), chunk_size=0)
+    with pytest.raises(ValueError, match="no residual blocks detected.*pass blocks="):
+        measure_signal(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (2, 3, 8, 8))
+    with pytest.raises(ValueError, match="branches"):
+        measure_signal(m, (2, 3, 8, 8), blocks=[m.blocks[0]], branches={m.blocks[1]: m.blocks[1].branch_out})
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"first convolution takes 3 input channels: pass \(N, 3, H, W\)"):
+        measure_signal(TVResNet(), torch.randn(2, 5, 8, 8))
+    with pytest.raises(ValueError, match="never called"):  # folded blocks skip branch_out
+        measure_signal(m, (2, 3, 8, 8), blocks=[m.blocks[0], m.blocks[1].branch_out])
+
+
+# --------------------------------------------------------------------------
+# predictions, paths, gradients
+# --------------------------------------------------------------------------
+def test_predictions_follow_each_method():
+    bn = model("bn_wrn", depth=16)
+    p = predict_variance(bn, v0=2.0)
+    c = 1 - 1 / math.pi
+    assert p[:2] == pytest.approx([2 + c, 2 + 2 * c])  # linear in the first stage
+    assert p[2:4] == pytest.approx([2 * c, 3 * c])  # reset by the transition's conv shortcut
+    none = predict_variance(model("none_wrn", depth=16), v0=1.0)
+    assert none == pytest.approx([2.0 ** l for l in range(1, 7)])
+    si = predict_variance("skipinit_wrn", depth=16, gain_init=0.5)
+    assert si == pytest.approx([1.25 ** l for l in range(1, 7)])
+    assert predict_variance("rescale_wrn", depth=16) == pytest.approx([1.0] * 6)
+    nf = predict_variance("nf_resnet50", width=0.25)
+    assert nf[:3] == pytest.approx([1.04, 1.08, 1.12]) and nf[3] == pytest.approx(1.04)
+    with pytest.raises(ValueError, match="normfree model"):
+        predict_variance(TVResNet())
+    # measured vs predicted for BN (norm -> ReLU): within 25% at 32x32
+    stats = measure_signal(bn, (16, 3, 32, 32))
+    pred = predict_variance(bn, v0=stats.input_var)
+    assert stats.column("var") == pytest.approx(pred, rel=0.25)
+
+
+def test_path_lengths_are_binomial_and_effective_depth_is_shallow_under_bn():
+    d = path_length_distribution(54)
+    assert d.sum() == pytest.approx(1.0)
+    assert d == pytest.approx([math.comb(54, k) / 2 ** 54 for k in range(55)], rel=1e-9, abs=1e-300)
+    # Veit et al.: most paths of a 54-block ResNet are 19..35 blocks deep (binomial bulk)
+    assert d[19:36].sum() > 0.95
+    assert len(path_length_distribution(model("nf_wrn", depth=10))) == 4
+    with pytest.raises(ValueError):
+        path_length_distribution(3, p=[0.5, 0.5])
+    stats = measure_signal(model("relubn_wrn", depth=100), (8, 3, 8, 8))
+    eff = effective_depth(stats)
+    assert eff["blocks"] == 48 and eff["distribution"].sum() == pytest.approx(1.0)
+    assert eff["mean"] == pytest.approx(sum(eff["p"]))
+    none = effective_depth(measure_signal(model("none_wrn", depth=100), (8, 3, 8, 8)))
+    assert eff["mean"] < 0.7 * none["mean"]  # BN downweights deep branches (~1/l): shallower
+    assert effective_depth(measure_signal(model("skipinit_wrn"), (4, 3, 8, 8)))["mean"] == 0.0
+
+
+def test_gradient_norms_per_block_match_autograd_and_chunking():
+    m = model("nf_wrn", depth=10)
+    x, y = torch.randn(12, 3, 8, 8), torch.randint(0, 10, (12,))
+    g = measure_gradients(m, x, y)
+    outs = []
+    hooks = [b.register_forward_hook(lambda _m, _i, o: outs.append(o)) for b in m.blocks]
+    m.eval()
+    loss = F.cross_entropy(m(x), y)
+    for h in hooks:
+        h.remove()
+    ref = torch.autograd.grad(loss, outs)
+    assert [r.norm for r in g] == pytest.approx([float(t.norm()) for t in ref], rel=1e-4)
+    assert [r.rms for r in g] == pytest.approx([float(t.norm()) / math.sqrt(t.numel()) for t in ref], rel=1e-4)
+    chunked = measure_gradients(m, x, y, chunk_size=5)
+    assert [r.norm for r in chunked] == pytest.approx([r.norm for r in g], rel=1e-4)
+    with pytest.raises(ValueError, match="one target per sample"):
+        measure_gradients(m, x, y[:3])
+
+
+# --------------------------------------------------------------------------
+# export, figure, command line
+# --------------------------------------------------------------------------
+def test_compare_export_plot_and_cli(tmp_path):
+    from normfree.cli import main
+    from normfree.plots import plot_spp
+
+    results, preds = compare_models(["nf_wrn", "bn_wrn"], batch=8, resolution=8, depth=10)
+    paths = plot_spp(results, tmp_path / "fig.png", predictions=preds)
+    assert [p[-4:] for p in paths] == [".png", ".svg"]
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "fig.svg").stat().st_size > 1000
+    write_csv(results, tmp_path / "s.csv", preds)
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 3 and rows[0].startswith("model,index,name,stage")
+    doc = json.loads(write_json(results, tmp_path / "s.json", preds) and (tmp_path / "s.json").read_text())
+    assert doc["models"]["nf_wrn"]["predicted_var"] == pytest.approx(preds["nf_wrn"])
+
+    out = tmp_path / "cli" / "spp.png"
+    rc = main(["spp", "--model", "nf_wrn", "--compare", "skipinit_wrn", "--depth", "10", "--batch", "4",
+               "--resolution", "8", "--out", str(out)])
+    assert rc == 0
+    for ext in ("png", "svg", "csv", "json"):
+        assert (tmp_path / "cli" / f"spp.{ext}").exists()
+    assert main(["spp", "--model", "nf_wrm", "--out", str(out)]) == 2
