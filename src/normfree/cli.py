@@ -33,31 +33,6 @@ def add_models(sub) -> None:
     p.set_defaults(func=run)
 
 
-def add_data(sub) -> None:
-    p = sub.add_parser("data", help="list the data sets, or load (and fetch) one and describe it",
-                       description="Without NAME: list the data sets. With NAME: load it (with --download, "
-                                   "fetch the official files first, md5-checked) and print its size, "
-                                   "classes, channel statistics and default augmentation.")
-    p.add_argument("name", nargs="?", help="digits (built in, the default data set), mnist, "
-                                           "fashion_mnist, cifar10 or folder")
-    p.add_argument("--data-dir", default=None,
-                   help="where the files are or go (default ~/.cache/normfree; Fashion-MNIST is also "
-                        "looked for in /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--download", action="store_true", help="fetch missing files from the official URLs")
-
-    def run(args) -> int:
-        from .data import DATASETS, load_dataset
-
-        if args.name is None:
-            for name, text in DATASETS.items():
-                print(f"{name:14s} {text}")
-            return 0
-        print(load_dataset(args.name, args.data_dir, args.download).summary())
-        return 0
-
-    p.set_defaults(func=run)
-
-
 def add_train(sub) -> None:
     from .train import EXIT_DIVERGED, EXIT_INTERRUPTED, add_arguments
 
@@ -79,6 +54,31 @@ def add_train(sub) -> None:
         if os.environ.get("RANK", "0") == "0":  # under torchrun: the summary once
             print(result.format())
         return EXIT_DIVERGED if result.status == "diverged" else 0
+
+    p.set_defaults(func=run)
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="list the data sets, or load (and fetch) one and describe it",
+                       description="Without NAME: list the data sets. With NAME: load it (with --download, "
+                                   "fetch the official files first, md5-checked) and print its size, "
+                                   "classes, channel statistics and default augmentation.")
+    p.add_argument("name", nargs="?", help="digits (built in, the default data set), mnist, "
+                                           "fashion_mnist, cifar10 or folder")
+    p.add_argument("--data-dir", default=None,
+                   help="where the files are or go (default ~/.cache/normfree; Fashion-MNIST is also "
+                        "looked for in /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--download", action="store_true", help="fetch missing files from the official URLs")
+
+    def run(args) -> int:
+        from .data import DATASETS, load_dataset
+
+        if args.name is None:
+            for name, text in DATASETS.items():
+                print(f"{name:14s} {text}")
+            return 0
+        print(load_dataset(args.name, args.data_dir, args.download).summary())
+        return 0
 
     p.set_defaults(func=run)
 
@@ -120,7 +120,57 @@ def add_spp(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [add_models, add_data, add_train, add_spp]
+def add_study(sub) -> None:
+    from .study import EXPERIMENTS
+
+    p = sub.add_parser(
+        "study", help="reproduce the papers' claims and write a report (the main job)",
+        description="Run the experiments behind the papers' claims (signal propagation, trainability against "
+                    "depth, batch size x learning rate, regularized SkipInit, shallow paths and lesions, AGC) and "
+                    "write OUT/report.md and a self-contained OUT/report.html with figures, tables and a claims "
+                    "table. Finished runs are kept in OUT/runs/, so an interrupted study restarted with the same "
+                    "--out reuses them. Default: ~20 minutes on 2 CPU cores on the built-in digits data.")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="preset", const="quick",
+                      help="the same pipeline at tiny sizes (a minute or two; used by the tests)")
+    size.add_argument("--full", action="store_const", dest="preset", const="full",
+                      help="the papers' scale: CIFAR-10 (needs --data-dir or --download), WRN up to depth 1000; "
+                           "meant for a GPU")
+    p.set_defaults(preset="default")
+    p.add_argument("--out", default="runs/study", help="output directory (default: runs/study)")
+    p.add_argument("--data", default=None, help="data set (default: the preset's: digits, or cifar10 with --full)")
+    p.add_argument("--data-dir", default=None, help="directory holding the data set files")
+    p.add_argument("--experiments", default=",".join(EXPERIMENTS),
+                   help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel worker processes for training runs (default: CPU cores, at most 4; 1 on a GPU)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--max-train-examples", type=int, default=None, help="train on a seeded subset of this size")
+    p.add_argument("--plan", action="store_true", help="print the runs and their share of the work; run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args) -> int:
+        from .study import run_study
+
+        extra = {}
+        if args.max_train_examples:
+            extra["max_train_examples"] = args.max_train_examples
+        result = run_study(args.preset, args.out, data=args.data, data_dir=args.data_dir,
+                           experiments=[e.strip() for e in args.experiments.split(",") if e.strip()],
+                           seed=args.seed, jobs=args.jobs, threads=args.threads, device=args.device,
+                           progress=not args.no_progress, plan_only=args.plan, **extra)
+        if not args.plan:
+            width = max(len(c["verdict"]) for c in result["claims"]) if result["claims"] else 0
+            for c in result["claims"]:
+                print(f"{c['verdict']:{width}s}  {c['claim']}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [add_models, add_train, add_data, add_spp, add_study]
 
 
 def build_parser() -> argparse.ArgumentParser:

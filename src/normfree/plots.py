@@ -15,8 +15,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
-__all__ = ["save_figure", "use_log_scale", "plot_spp"]
+__all__ = ["save_figure", "use_log_scale", "plot_spp", "plot_depth", "plot_lr_sweep", "plot_tracking", "plot_lesion"]
 
 
 def save_figure(fig, path, formats: Sequence[str] = ("png", "svg"), dpi: int = 130) -> List[str]:
@@ -105,5 +106,125 @@ def plot_spp(results: Mapping[str, Sequence], path, predictions: Optional[Mappin
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False,
                bbox_to_anchor=(0.5, -0.02 - 0.045 * math.ceil(len(labels) / 4)))
     fig.suptitle(title or "Signal propagation at initialization (dotted lines: stage boundaries)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------
+# study figures
+# --------------------------------------------------------------------------
+def _colors():
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#444444", "#8c564b", "#e377c2"]
+
+
+def plot_depth(curves: Mapping[str, Sequence], path, chance: Optional[float] = None) -> List[str]:
+    """Trainability against depth: ``curves[label] = [(depth, best run or None), ...]``.
+
+    Left: final training loss, right: test accuracy, both at the best learning
+    rate; a cell where every learning rate diverged is an 'x' at the top."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6))
+    colors, markers = _colors(), "osD^v<>ph*"
+    for k, (label, pts) in enumerate(curves.items()):
+        c, m = colors[k % len(colors)], markers[k % len(markers)]
+        ok = [(d, r) for d, r in pts if r is not None]
+        a1.plot([d for d, _ in ok], [r["final_train_loss"] for _, r in ok], "-", marker=m, color=c, label=label)
+        a2.plot([d for d, _ in ok], [100 * (r["test_acc"] or 0) for _, r in ok], "-", marker=m, color=c, label=label)
+        div = [d for d, r in pts if r is None]
+        a1.plot(div, [1.0] * len(div), "x", ms=10, mew=2, color=c, transform=a1.get_xaxis_transform())
+        a2.plot(div, [0.02] * len(div), "x", ms=10, mew=2, color=c, transform=a2.get_xaxis_transform())
+    if chance:
+        a1.axhline(chance, color="0.5", ls="--", lw=1)
+        a1.text(a1.get_xlim()[0], chance, " chance loss", va="bottom", color="0.4", fontsize=8)
+    for ax, yl in ((a1, "final training loss (best lr)"), (a2, "test accuracy % (best lr)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("depth (layers, WRN 6n+4)")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.25, which="both")
+    a1.set_title("training loss (x at top: diverged)")
+    a2.set_title("test accuracy (x at bottom: diverged)")
+    a2.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("Trainability against depth")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_lr_sweep(groups: Mapping[tuple, Sequence[dict]], labels: Sequence[str], batch_sizes: Sequence[int],
+                  path) -> List[str]:
+    """Test accuracy against learning rate, one panel per batch size:
+    ``groups[(label, batch)] = [run record with 'lr', 'status', 'test_acc']``."""
+    n = len(batch_sizes)
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 1.5, 4.2), squeeze=False)
+    colors = _colors()
+    for ax, bs in zip(axes[0], batch_sizes):
+        for k, label in enumerate(labels):
+            runs = sorted(groups.get((label, bs), []), key=lambda r: r["lr"])
+            ok = [r for r in runs if r["status"] == "ok" and r.get("test_acc") is not None]
+            c = colors[k % len(colors)]
+            ax.plot([r["lr"] for r in ok], [100 * r["test_acc"] for r in ok], "-o", color=c, label=label)
+            div = [r["lr"] for r in runs if r["status"] != "ok"]
+            ax.plot(div, [0.03] * len(div), "x", ms=10, mew=2, color=c, transform=ax.get_xaxis_transform())
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("test accuracy %")
+        ax.set_title(f"batch size {bs}")
+        ax.grid(alpha=0.25, which="both")
+    axes[0][-1].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("Test accuracy against learning rate (x: diverged)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_tracking(runs: Mapping[str, dict], path) -> List[str]:
+    """Residual/skip ratios (median over blocks) and SkipInit gains during training,
+    from run records with ``tracking = [{"step", "ratio": [...], "gains": [...]}]``."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = _colors()
+    any_gain = False
+    for k, (label, rec) in enumerate(runs.items()):
+        tr = rec.get("tracking") or []
+        steps = [t["step"] for t in tr]
+        med = [float(np.median([r for r in t["ratio"] if r is not None])) if any(r is not None for r in t["ratio"])
+               else float("nan") for t in tr]
+        a1.plot(steps, med, "-o", ms=3, color=colors[k], label=label)
+        if any(t["gains"] for t in tr):
+            any_gain = True
+            a2.plot(steps, [float(np.mean(np.abs(t["gains"]))) for t in tr], "-o", ms=3, color=colors[k],
+                    label=f"{label}: mean |alpha|")
+            a2.plot(steps, [float(np.max(np.abs(t["gains"]))) for t in tr], "--", color=colors[k],
+                    label=f"{label}: max |alpha|")
+    a1.set_yscale("symlog", linthresh=1e-3)
+    a1.set_xlabel("training step")
+    a1.set_ylabel("median residual / skip ratio")
+    a1.set_title("residual-to-skip ratio over blocks")
+    a1.grid(alpha=0.25)
+    a1.legend()
+    a2.set_xlabel("training step")
+    a2.set_ylabel("|alpha|")
+    a2.set_title("SkipInit gains")
+    a2.grid(alpha=0.25)
+    if any_gain:
+        a2.legend()
+    fig.suptitle("During training")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_lesion(runs: Mapping[str, dict], path) -> List[str]:
+    """Lesion test: test accuracy after deleting each block (``rec["lesion"]``)."""
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    colors = _colors()
+    for k, (label, rec) in enumerate(runs.items()):
+        les = rec.get("lesion")
+        if not les:
+            continue
+        c = colors[k]
+        ax.plot([b["block"] for b in les["blocks"]], [100 * b["acc"] for b in les["blocks"]], "o-", ms=3,
+                color=c, label=f"{label}: one block deleted")
+        ax.axhline(100 * les["base_acc"], color=c, ls="--", lw=1, label=f"{label}: intact")
+    ax.set_xlabel("deleted residual block")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("Lesion test (Veit et al. 2016)")
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
