@@ -142,6 +142,18 @@ def test_chunked_and_one_pass_measurements_agree(name):
     assert measure_signal(m, (24, 3, 8, 8), seed=4).column("var") != pytest.approx(g1.column("var"), rel=1e-5)
 
 
+def test_automatic_chunks_follow_the_memory_budget():
+    m = model("nf_wrn", depth=10)
+    x = torch.randn(12, 3, 8, 8)
+    one = measure_signal(m, x)
+    assert one.chunk_size == 12
+    # largest activation 16 x 8 x 8 floats per sample, 6 of them: 24 KiB per sample
+    small = measure_signal(m, x, memory_budget=6 * 16 * 64 * 4 * 5)
+    assert small.chunk_size == 5
+    assert small.column("var") == pytest.approx(one.column("var"), rel=1e-5)
+    assert small.column("res_var") == pytest.approx(one.column("res_var"), rel=1e-5)
+
+
 def test_statistics_match_a_direct_computation():
     m = model("bn_wrn", depth=10)
     x = torch.randn(16, 3, 8, 8)
