@@ -399,6 +399,8 @@ def test_compare_export_plot_and_cli(tmp_path):
     rc = main(["spp", "--model", "nf_wrn", "--compare", "skipinit_wrn", "--depth", "10", "--batch", "4",
                "--resolution", "8", "--out", str(out)])
     assert rc == 0
-    for ext in ("png", "svg", "csv", "json"):
-        assert (tmp_path / "cli" / f"spp.{ext}").exists()
+    for f in ("spp.png", "spp.svg", "spp.csv", "spp.json", "spp_paths.png", "spp_paths.svg"):
+        assert (tmp_path / "cli" / f).exists(), f
+    doc = json.loads((tmp_path / "cli" / "spp.json").read_text())
+    assert doc["models"]["nf_wrn"]["input_shape"] == [4, 3, 8, 8]
     assert main(["spp", "--model", "nf_wrm", "--out", str(out)]) == 2

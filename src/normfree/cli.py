@@ -87,13 +87,15 @@ def add_spp(sub) -> None:
     p = sub.add_parser("spp", help="signal propagation plot of models at initialization",
                        description="Feed N(0,1) noise through freshly initialized models and plot, per residual "
                                    "block, the squared channel mean, the channel variance and the residual-branch "
-                                   "variance (Brock et al. 2021). Writes OUT (.png and .svg), and .csv/.json beside it.")
+                                   "variance (Brock et al. 2021). Writes OUT (.png and .svg), .csv/.json beside it, and "
+                                   "OUT_paths (.png, .svg): residual-to-skip ratios and path lengths.")
     p.add_argument("--model", required=True, help="model name, e.g. nf_resnet50 or nf_wrn (see `normfree models`)")
     p.add_argument("--compare", nargs="*", default=[], metavar="NAME", help="more models on the same figure")
     p.add_argument("--depth", type=int, default=None, help="WRN depth 6n+4 (default 16)")
     p.add_argument("--width", type=float, default=None, help="WRN width k / ResNet channel multiplier")
-    p.add_argument("--batch", type=int, default=256, help="noise samples (default 256)")
-    p.add_argument("--resolution", type=int, default=32, help="input height = width (default 32)")
+    p.add_argument("--batch", type=int, default=None, help="noise samples (default 256 for wrn, 8 for resnetNN)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input height = width (default 32 for wrn, 128 for resnetNN)")
     p.add_argument("--in-chans", type=int, default=3, help="input channels (default 3)")
     p.add_argument("--chunk", type=int, default=None, help="samples per forward pass (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the noise")
@@ -102,7 +104,7 @@ def add_spp(sub) -> None:
     def run(args) -> int:
         import os
 
-        from .plots import plot_spp
+        from .plots import plot_paths, plot_spp
         from .signal import compare_models, format_table, write_csv, write_json
 
         names = [args.model] + list(args.compare)
@@ -111,6 +113,7 @@ def add_spp(sub) -> None:
                                         depth=args.depth, width=args.width)
         stem = os.path.splitext(args.out)[0] if args.out.lower().endswith((".png", ".svg")) else args.out
         figs = plot_spp(results, stem + ".png", predictions=preds)
+        figs += plot_paths(results, stem + "_paths.png")
         meta = {k: getattr(args, k) for k in ("depth", "width", "batch", "resolution", "in_chans", "chunk", "seed")}
         files = figs + [write_csv(results, stem + ".csv", preds), write_json(results, stem + ".json", preds, meta)]
         print(format_table(results, preds))

@@ -4,6 +4,8 @@ as PNG and SVG with :func:`save_figure`.
 * :func:`plot_spp` -- signal propagation plots (Brock et al. 2021, fig. 1 style):
   squared channel mean, channel variance and residual-branch variance against
   the residual block index, for several models on one figure.
+* :func:`plot_paths` -- De & Smith's residual-to-skip ratio per block and the
+  resulting (variance-weighted) path-length distribution, against Veit's binomial.
 """
 from __future__ import annotations
 
@@ -226,5 +228,52 @@ def plot_lesion(runs: Mapping[str, dict], path) -> List[str]:
     ax.set_title("Lesion test (Veit et al. 2016)")
     ax.grid(alpha=0.25)
     ax.legend(fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_paths(results: Mapping[str, Sequence], path, title: Optional[str] = None) -> List[str]:
+    """Effective depth at initialization, for several models.
+
+    Left: the residual-to-skip ratio r_l = sqrt(s^2 Var f / Var skip) per block
+    (De & Smith 2020), with 1/sqrt(l) for reference. Right: the variance-weighted
+    path-length distribution, Poisson-binomial with p_l = r_l^2 / (1 + r_l^2)
+    (see :func:`normfree.signal.effective_depth`), and Veit et al.'s
+    Binomial(n, 1/2) for the same number of blocks. Returns the PNG and SVG paths.
+    """
+    from .signal import effective_depth, path_length_distribution
+
+    if not results:
+        raise ValueError("results is empty: pass {label: measure_signal(model, x)}")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n_max, ratios = 0, []
+    for k, (name, stats) in enumerate(results.items()):
+        c = colors[k % len(colors)]
+        pts = [(r.index, r.ratio) for r in stats if r.ratio is not None]
+        eff = effective_depth(stats)
+        if pts:
+            ax1.plot(*zip(*pts), "-o", ms=3, color=c, label=name)
+            ratios += [v for _, v in pts]
+        dist = eff["distribution"]
+        ax2.plot(range(len(dist)), dist, "-", color=c, label=f"{name} (mean {eff['mean']:.1f} of {eff['blocks']})")
+        n_max = max(n_max, len(stats))
+    ls = list(range(1, n_max + 1))
+    ax1.plot(ls, [1 / math.sqrt(l) for l in ls], ":", color="0.3", label="1/sqrt(l)")
+    if use_log_scale(ratios + [1 / math.sqrt(n_max)], decades=1):
+        ax1.set_yscale("log")
+    binom = path_length_distribution(n_max)
+    ax2.plot(range(n_max + 1), binom, ":", color="0.3", label=f"Binomial({n_max}, 1/2) (Veit et al.)")
+    ax1.set_xlabel("residual block index l")
+    ax1.set_ylabel("residual / skip scale")
+    ax1.set_title("residual-to-skip ratio (non-positive values not drawn on log scale)"
+                  if ax1.get_yscale() == "log" else "residual-to-skip ratio")
+    ax2.set_xlabel("path length (residual branches traversed)")
+    ax2.set_ylabel("share of output variance")
+    ax2.set_title("path-length distribution")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "Effective depth at initialization")
     fig.tight_layout()
     return save_figure(fig, path)

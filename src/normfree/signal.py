@@ -786,6 +786,7 @@ def write_json(results: Dict[str, Sequence[BlockStats]], path, predictions=None,
     doc = {"meta": meta or {}, "models": {}}
     for label, stats in results.items():
         doc["models"][label] = {
+            "input_shape": list(getattr(stats, "input_shape", None) or []) or None,
             "input_mean_sq": getattr(stats, "input_mean_sq", None),
             "input_var": getattr(stats, "input_var", None),
             "blocks": [asdict(r) for r in stats],
@@ -799,24 +800,35 @@ def write_json(results: Dict[str, Sequence[BlockStats]], path, predictions=None,
 # --------------------------------------------------------------------------
 # several registered models at once (the ``normfree spp`` command)
 # --------------------------------------------------------------------------
-def compare_models(names: Sequence[str], *, batch: int = 256, resolution: int = 32, in_chans: int = 3,
+def compare_models(names: Sequence[str], *, batch: Optional[int] = None, resolution: Optional[int] = None,
+                   in_chans: int = 3,
                    chunk_size: Optional[int] = None, seed: int = 0, depth: Optional[int] = None,
                    width: Optional[float] = None, **options) -> Tuple[Dict[str, SignalStats], Dict[str, List[float]]]:
     """Build each registered model ``name`` with weights seeded by ``seed`` and
-    measure it on the same N(0, 1) input (batch, in_chans, resolution, resolution).
-    Returns ({name: stats}, {name: predict_variance(model, v0=measured input var)})."""
+    measure it on N(0, 1) noise (batch, in_chans, resolution, resolution) drawn from ``seed``.
+
+    Defaults: batch 256 at 32x32 for CIFAR-style ``wrn`` models; batch 8 at
+    128x128 for the ImageNet-style ``resnetNN`` (stride 32: at 32x32 their last
+    stages would be 1x1 and 2x2, where zero padding hides most of a 3x3 conv).
+    Returns ({name: stats}, {name: predict_variance(model, v0=measured input var)});
+    each stats carries ``input_shape``.
+    """
     from .models import create_model  # names only; measure_signal itself needs no registry
 
     if not names:
         raise ValueError("give at least one model name (see `normfree models`)")
     for k, v in (("batch", batch), ("resolution", resolution), ("in_chans", in_chans)):
-        if not isinstance(v, int) or v < 1:
+        if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"{k} must be a positive integer, got {v!r}")
     results, predictions = {}, {}
     for name in names:
         torch.manual_seed(seed)
         model = create_model(name, depth=depth, width=width, in_chans=in_chans, **options)
-        stats = measure_signal(model, (batch, in_chans, resolution, resolution), chunk_size=chunk_size, seed=seed)
+        imagenet = getattr(getattr(model, "arch", None), "stem", "cifar") == "imagenet"
+        shape = (batch or (8 if imagenet else 256), in_chans, resolution or (128 if imagenet else 32),
+                 resolution or (128 if imagenet else 32))
+        stats = measure_signal(model, shape, chunk_size=chunk_size, seed=seed)
+        stats.input_shape = shape
         label = name if name not in results else f"{name}#{len(results)}"
         results[label] = stats
         predictions[label] = predict_variance(model, v0=stats.input_var)
