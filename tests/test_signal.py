@@ -397,10 +397,12 @@ def test_compare_export_plot_and_cli(tmp_path):
 
     out = tmp_path / "cli" / "spp.png"
     rc = main(["spp", "--model", "nf_wrn", "--compare", "skipinit_wrn", "--depth", "10", "--batch", "4",
-               "--resolution", "8", "--out", str(out)])
+               "--resolution", "8", "--grads", "--out", str(out)])
     assert rc == 0
-    for f in ("spp.png", "spp.svg", "spp.csv", "spp.json", "spp_paths.png", "spp_paths.svg"):
+    for f in ("spp.png", "spp.svg", "spp.csv", "spp.json", "spp_paths.png", "spp_paths.svg", "spp_grads.png"):
         assert (tmp_path / "cli" / f).exists(), f
     doc = json.loads((tmp_path / "cli" / "spp.json").read_text())
     assert doc["models"]["nf_wrn"]["input_shape"] == [4, 3, 8, 8]
+    assert len(doc["models"]["nf_wrn"]["grads"]) == 3 and doc["models"]["nf_wrn"]["grads"][0]["norm"] > 0
+    assert all(g["norm"] == 0 for g in doc["models"]["skipinit_wrn"]["grads"])  # zero-init classifier
     assert main(["spp", "--model", "nf_wrm", "--out", str(out)]) == 2

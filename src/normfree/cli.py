@@ -100,20 +100,24 @@ def add_spp(sub) -> None:
     p.add_argument("--chunk", type=int, default=None, help="samples per forward pass (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the noise")
     p.add_argument("--out", default="spp.png", help="figure path; .csv and .json are written beside it")
+    p.add_argument("--grads", action="store_true",
+                   help="also measure per-block gradient norms (cross-entropy, random labels): OUT_grads")
 
     def run(args) -> int:
         import os
 
-        from .plots import plot_paths, plot_spp
+        from .plots import plot_gradients, plot_paths, plot_spp
         from .signal import compare_models, format_table, write_csv, write_json
 
         names = [args.model] + list(args.compare)
         results, preds = compare_models(names, batch=args.batch, resolution=args.resolution,
                                         in_chans=args.in_chans, chunk_size=args.chunk, seed=args.seed,
-                                        depth=args.depth, width=args.width)
+                                        depth=args.depth, width=args.width, grads=args.grads)
         stem = os.path.splitext(args.out)[0] if args.out.lower().endswith((".png", ".svg")) else args.out
         figs = plot_spp(results, stem + ".png", predictions=preds)
         figs += plot_paths(results, stem + "_paths.png")
+        if args.grads:
+            figs += plot_gradients({k: v.grads for k, v in results.items()}, stem + "_grads.png")
         meta = {k: getattr(args, k) for k in ("depth", "width", "batch", "resolution", "in_chans", "chunk", "seed")}
         files = figs + [write_csv(results, stem + ".csv", preds), write_json(results, stem + ".json", preds, meta)]
         print(format_table(results, preds))

@@ -6,6 +6,7 @@ as PNG and SVG with :func:`save_figure`.
   the residual block index, for several models on one figure.
 * :func:`plot_paths` -- De & Smith's residual-to-skip ratio per block and the
   resulting (variance-weighted) path-length distribution, against Veit's binomial.
+* :func:`plot_gradients` -- backward signal: RMS of dL/d(block output) per block.
 """
 from __future__ import annotations
 
@@ -275,5 +276,33 @@ def plot_paths(results: Mapping[str, Sequence], path, title: Optional[str] = Non
         ax.grid(alpha=0.25)
         ax.legend(fontsize=8)
     fig.suptitle(title or "Effective depth at initialization")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_gradients(results: Mapping[str, Sequence], path, title: Optional[str] = None) -> List[str]:
+    """Backward signal: the RMS of g_l = dL/d(output of block l) against l, for
+    ``{label: measure_gradients(...)}``; log y-scale when it spans > 2 decades."""
+    if not results:
+        raise ValueError("results is empty: pass {label: measure_gradients(model, x, y)}")
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    values, boundaries = [], set()
+    for name, grads in results.items():
+        grads = list(grads)
+        zero = all(g.rms == 0 for g in grads)  # e.g. a zero-initialized classifier
+        ax.plot([g.index for g in grads], [g.rms for g in grads], "-o", ms=3,
+                label=f"{name} (all zero)" if zero else name)
+        values += [g.rms for g in grads]
+        boundaries.update(_stage_starts(grads))
+    log = use_log_scale(values)
+    if log:
+        ax.set_yscale("log")
+    for b in sorted(boundaries):
+        ax.axvline(b, color="0.5", ls=":", lw=1)
+    ax.set_xlabel("residual block index l")
+    ax.set_ylabel("RMS of dL / d(block output)" + (" (zeros not drawn)" if log and 0 in values else ""))
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Backward signal at initialization (dotted lines: stage boundaries)")
     fig.tight_layout()
     return save_figure(fig, path)

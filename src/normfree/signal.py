@@ -792,6 +792,8 @@ def write_json(results: Dict[str, Sequence[BlockStats]], path, predictions=None,
             "blocks": [asdict(r) for r in stats],
             "predicted_var": list((predictions or {}).get(label) or []) or None,
         }
+        if getattr(stats, "grads", None) is not None:
+            doc["models"][label]["grads"] = [asdict(g) for g in stats.grads]
     with open(path, "w") as fh:
         json.dump(doc, fh, indent=1, default=float)
     return str(path)
@@ -803,7 +805,8 @@ def write_json(results: Dict[str, Sequence[BlockStats]], path, predictions=None,
 def compare_models(names: Sequence[str], *, batch: Optional[int] = None, resolution: Optional[int] = None,
                    in_chans: int = 3,
                    chunk_size: Optional[int] = None, seed: int = 0, depth: Optional[int] = None,
-                   width: Optional[float] = None, **options) -> Tuple[Dict[str, SignalStats], Dict[str, List[float]]]:
+                   width: Optional[float] = None, grads: bool = False,
+                   **options) -> Tuple[Dict[str, SignalStats], Dict[str, List[float]]]:
     """Build each registered model ``name`` with weights seeded by ``seed`` and
     measure it on N(0, 1) noise (batch, in_chans, resolution, resolution) drawn from ``seed``.
 
@@ -811,7 +814,8 @@ def compare_models(names: Sequence[str], *, batch: Optional[int] = None, resolut
     128x128 for the ImageNet-style ``resnetNN`` (stride 32: at 32x32 their last
     stages would be 1x1 and 2x2, where zero padding hides most of a 3x3 conv).
     Returns ({name: stats}, {name: predict_variance(model, v0=measured input var)});
-    each stats carries ``input_shape``.
+    each stats carries ``input_shape`` and, with ``grads=True``, ``grads``: the
+    :func:`measure_gradients` of the cross-entropy for random labels.
     """
     from .models import create_model  # names only; measure_signal itself needs no registry
 
@@ -829,6 +833,11 @@ def compare_models(names: Sequence[str], *, batch: Optional[int] = None, resolut
                  resolution or (128 if imagenet else 32))
         stats = measure_signal(model, shape, chunk_size=chunk_size, seed=seed)
         stats.input_shape = shape
+        if grads:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(shape, generator=g)
+            y = torch.randint(0, model.num_classes, (shape[0],), generator=g)
+            stats.grads = measure_gradients(model, x, y, chunk_size=chunk_size)
         label = name if name not in results else f"{name}#{len(results)}"
         results[label] = stats
         predictions[label] = predict_variance(model, v0=stats.input_var)
