@@ -382,12 +382,12 @@ def _auto_chunk(model: nn.Module, shape, device, dtype, memory_budget: float) ->
         if isinstance(out, torch.Tensor):
             biggest[0] = max(biggest[0], out.numel())
 
+    flags = [(m, m.training) for m in model.modules()]
     hs = [m.register_forward_hook(hook) for m in model.modules()]
     try:
-        flags = [(m, m.training) for m in model.modules()]
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1,) + tuple(shape[1:]), device=device, dtype=dtype))
+            _forward(model, torch.zeros((1,) + tuple(shape[1:]), device=device, dtype=dtype), shape)
     finally:
         for m, f in flags:
             m.training = f
@@ -406,6 +406,8 @@ def _first_conv_channels(model: nn.Module) -> Optional[int]:
 def _forward(model: nn.Module, xb: torch.Tensor, shape) -> torch.Tensor:
     try:
         return model(xb)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as e:
         c = _first_conv_channels(model)
         hint = f" (its first convolution takes {c} input channels: pass (N, {c}, H, W))" if c else ""
