@@ -290,6 +290,33 @@ def test_user_named_blocks_and_branches():
     assert stats[0].var > stats.input_var
 
 
+class TokenBlock(nn.Module):
+    """A transformer-style residual MLP on (N, L, C) tokens: y = x + mlp(x)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+def test_channels_last_tokens_with_channel_dim():
+    torch.manual_seed(0)
+    net = nn.Sequential(TokenBlock(6), TokenBlock(6))
+    x = torch.randn(5, 7, 6) + 0.5
+    stats = measure_signal(net, x, blocks=list(net), branches={b: b.mlp for b in net}, channel_dim=-1)
+    with torch.no_grad():
+        h1 = net[0](x)
+        h2 = net[1](h1)
+        f2 = net[1].mlp(h1)
+    flat = lambda t: t.reshape(-1, 6)  # noqa: E731
+    assert stats[1].var == pytest.approx(float(flat(h2).var(0, unbiased=False).mean()), rel=1e-5)
+    assert stats[1].mean_sq == pytest.approx(float(flat(h2).mean(0).square().mean()), rel=1e-5)
+    assert stats[1].res_var == pytest.approx(float(flat(f2).var(0, unbiased=False).mean()), rel=1e-5)
+    assert stats[0].channels == 6 and stats.input_var == pytest.approx(float(flat(x).var(0, unbiased=False).mean()))
+
+
 # --------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------
