@@ -38,7 +38,21 @@ Chunking: the input is processed ``chunk_size`` samples at a time; per-channel
 sums and sums of squares are accumulated in float64, so the statistics equal
 those of one pass up to float rounding -- except for BatchNorm in batch mode,
 which then normalizes each chunk with that chunk's statistics (a warning is
-issued; use a chunk of at least the batch you mean).
+issued; use a chunk of at least the batch you mean). The per-sample spatial
+sums run in the activation's precision (float32), so the variance carries a
+relative error ~1e-7 x mean_sq / var: negligible unless the channel means
+dwarf the variance. Cost: a sum and a vector norm per measured tensor, no copy
+of activations, no host synchronisation until the end (benchmarks/bench_signal.py).
+
+Also here: :func:`measure_gradients` (backward signal, per-block
+||dL/d(block output)||), :func:`predict_variance` (the papers' analytic
+variance per block, for our models), :func:`path_length_distribution` (Veit et
+al. 2016) and :func:`effective_depth` (from the measured residual/skip ratios),
+:func:`compare_models` (registered models by name, for ``normfree spp``).
+
+Note: 3x3 convolutions lose variance to zero padding at small spatial sizes
+(at 4x4 about a third per conv), so SPPs of ImageNet-style ResNets should be
+taken at >= 128x128; the CIFAR-style WRN is fine at 32x32.
 """
 from __future__ import annotations
 
