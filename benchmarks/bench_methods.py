@@ -14,7 +14,9 @@ machine's float32 matmul peak measured in the same process. The row
 
 Method: all models are built first; then warm-up steps and ``--reps`` timed
 steps are run round-robin over the methods (the order rotates each round), so
-that machine noise hits all of them alike; medians are reported.
+that machine noise hits all of them alike. img/s are from median step times;
+a ratio "x bn" is the median over rounds of t_bn / t_method, each round's
+steps having run back to back under the same load.
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during a training step
 (minus what was allocated before it); on CPU, the bytes of the distinct
 tensors autograd saves for the backward pass (activations plus weights; via
@@ -60,8 +62,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, n: int, reps: int = 5) -> float:
-    """Best float32 GFLOP/s of an n x n matmul (2 n^3 FLOPs)."""
+def matmul_peak(device: torch.device, n: int, reps: int = 10) -> float:
+    """Best float32 GFLOP/s of an n x n matmul (2 n^3 FLOPs) over ``reps`` runs."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     best = float("inf")
@@ -117,8 +119,10 @@ class Runner:
 
 
 def timed_round_robin(runners: Dict[str, Runner], step: str, warmup: int, reps: int,
-                      device: torch.device) -> Dict[str, float]:
-    """Median seconds per call of ``runner.<step>()``, methods interleaved."""
+                      device: torch.device) -> Dict[str, List[float]]:
+    """Seconds of each timed call of ``runner.<step>()`` per method; in round
+    ``r`` every method runs once (order rotated), so ``times[m][r]`` of
+    different methods were measured under the same machine load."""
     names = list(runners)
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(warmup + reps):
@@ -131,7 +135,12 @@ def timed_round_robin(runners: Dict[str, Runner], step: str, warmup: int, reps: 
             sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return times
+
+
+def paired_ratio(t_ref: List[float], t_m: List[float]) -> float:
+    """Throughput of m relative to ref: the median over rounds of t_ref / t_m."""
+    return statistics.median(a / b for a, b in zip(t_ref, t_m))
 
 
 def peak_memory(runner: Runner, device: torch.device) -> int:
@@ -180,21 +189,22 @@ def bench_config(arch: str, spec, methods: List[str], args, device: torch.device
     t_train = timed_round_robin(train, "train_step", args.warmup, args.reps, device)
     t_eval = timed_round_robin(evals, "eval_step", args.warmup, args.reps, device)
 
+    med = statistics.median
     rows = []
     for m in list(evals):
-        row = {"method": m, "eval_img_s": batch / t_eval[m]}
+        row = {"method": m, "eval_img_s": batch / med(t_eval[m]), "eval_s": t_eval[m]}
         if m in train:
-            row.update(train_img_s=batch / t_train[m], peak_mb=mem[m] / 2 ** 20,
-                       gflop_step=flops[m] / 1e9, gflop_s=flops[m] / t_train[m] / 1e9)
+            row.update(train_img_s=batch / med(t_train[m]), train_s=t_train[m], peak_mb=mem[m] / 2 ** 20,
+                       gflop_step=flops[m] / 1e9, gflop_s=flops[m] / med(t_train[m]) / 1e9)
             row["pct_peak"] = 100 * row["gflop_s"] / peak
         rows.append(row)
     by = {r["method"]: r for r in rows}
     for r in rows:
         for ref in ("bn", "none"):
             if ref in by:
-                r[f"eval_x_{ref}"] = r["eval_img_s"] / by[ref]["eval_img_s"]
+                r[f"eval_x_{ref}"] = paired_ratio(t_eval[ref], t_eval[r["method"]])
                 if "train_img_s" in r:
-                    r[f"train_x_{ref}"] = r["train_img_s"] / by[ref]["train_img_s"]
+                    r[f"train_x_{ref}"] = paired_ratio(t_train[ref], t_train[r["method"]])
                     r[f"mem_x_{ref}"] = r["peak_mb"] / by[ref]["peak_mb"]
     title = f"{arch}: {model_arch} {kwargs}, {hw}x{hw}, batch {batch}"
     return {"arch": arch, "title": title, "batch": batch, "hw": hw, "rows": rows}
@@ -242,7 +252,7 @@ def checks(result: dict) -> List[str]:
             if m not in ("bn", "relubn", "gn", "ln", "in") and "train_x_bn" in r and r["train_x_bn"] < 1.0:
                 check(False, f"{m} trains slower than bn ({r['train_x_bn']:.2f}x): a defect")
     if "nf" in by and FOLD_ROW in by:
-        v = by["nf"]["eval_img_s"] / by[FOLD_ROW]["eval_img_s"]
+        v = paired_ratio(by[FOLD_ROW]["eval_s"], by["nf"]["eval_s"])
         check(v >= 0.97, f"nf eval throughput {v:.3f}x the same network with plain convs "
                          f"({FOLD_ROW}) (goal >= 1, 3% noise margin)")
     return out
@@ -301,6 +311,9 @@ def main(argv=None) -> int:
         print_table(res, memory_label)
         results.append(res)
         all_checks += checks(res)
+    peak_end = matmul_peak(device, 512 if args.quick else (8192 if device.type == "cuda" else 2048))
+    print(f"\n# float32 matmul peak measured again at the end: {peak_end:.1f} GFLOP/s "
+          f"(% peak above uses the first, {peak:.1f}; a large change means the machine was busy)")
     if all_checks:
         print("\n# goals of issue 6 on this run")
         print("\n".join(all_checks))

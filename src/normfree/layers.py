@@ -233,7 +233,7 @@ class _ScaledStdWeight(torch.autograd.Function):
     def backward(ctx, grad):
         c, r, m, free = ctx.saved_tensors
         g = grad.reshape(c.shape)
-        gc = torch.bmm(g.unsqueeze(1), c.unsqueeze(2)).view(-1, 1)  # sum(g c) per channel
+        gc = (g * c).sum(dim=1, keepdim=True)  # sum(g c) per channel (faster than bmm on CPU)
         dot = gc * r  # sum(g u)
         grad_w = grad_m = None
         if ctx.needs_input_grad[0]:
@@ -317,38 +317,6 @@ class ScalarBias(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.bias
-
-
-class _BiasReluBias(torch.autograd.Function):
-    """relu(x + b1) + b2 in one autograd node that saves a 1-byte mask
-    (x + b1 > 0, exactly what ReLU's backward tests) instead of a float tensor."""
-
-    @staticmethod
-    def forward(ctx, x, b1, b2):
-        t = x + b1
-        mask = t > 0
-        ctx.save_for_backward(mask)
-        return t.clamp_min_(0).add_(b2)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        mask, = ctx.saved_tensors
-        gx = grad * mask
-        gb1 = gx.sum() if ctx.needs_input_grad[1] else None
-        gb2 = grad.sum() if ctx.needs_input_grad[2] else None
-        return gx, gb1, gb2
-
-
-def bias_relu_bias(x: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """relu(x + b1) + b2 for scalar tensors b1, b2 (Fixup's biased activation):
-    one output allocation and, under autograd, a bool mask saved instead of
-    the float activation. Same values and gradients as the three plain ops."""
-    if torch.compiler.is_compiling():
-        return F.relu(x + b1) + b2
-    if torch.is_grad_enabled() and (x.requires_grad or b1.requires_grad or b2.requires_grad):
-        return _BiasReluBias.apply(x, b1, b2)
-    return (x + b1).clamp_min_(0).add_(b2)
 
 
 class Activation(nn.Module):
