@@ -51,7 +51,7 @@ al. 2016) and :func:`effective_depth` (from the measured residual/skip ratios),
 :func:`compare_models` (registered models by name, for ``normfree spp``).
 
 Note: 3x3 convolutions lose variance to zero padding at small spatial sizes
-(at 4x4 about a third per conv), so SPPs of ImageNet-style ResNets should be
+(at 4x4 about 30% per conv), so SPPs of ImageNet-style ResNets should be
 taken at >= 128x128; the CIFAR-style WRN is fine at 32x32.
 """
 from __future__ import annotations
