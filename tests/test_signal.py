@@ -109,18 +109,30 @@ def test_skipinit_alpha_zero_keeps_the_variance_constant():
     assert pred == pytest.approx([stats.input_var] * len(stats))
 
 
-def test_residual_variance_before_gain_equals_unfolded_branch_out():
-    m = model("nf_wrn", depth=10)
+@pytest.mark.parametrize("name", ["nf_wrn", "fixup_wrn", "rescale_wrn"])
+def test_residual_statistics_before_gain_equal_unfolded_branch_out(name):
+    m = model(name, depth=10)
+    if name == "fixup_wrn":  # as if trained: nonzero last conv, gain != 1, scalar biases != 0
+        with torch.no_grad():
+            for b in m.blocks:
+                b.convs[-1].weight.normal_(0, 0.1)
+                b.gain.gain.fill_(-0.7)
+                b.out_bias.bias.fill_(0.3)
+                for mod in b.modules():
+                    if isinstance(mod, normfree.ScalarBias) and mod is not b.out_bias:
+                        mod.bias.fill_(0.1)
     x = torch.randn(8, 3, 8, 8)
     stats = measure_signal(m, x)
     seen = []
-    hooks = [b.branch_out.register_forward_hook(lambda _m, _i, o: seen.append(o.var(dim=(0, 2, 3), unbiased=False).mean()))
-             for b in m.blocks]
+    hooks = [b.branch_out.register_forward_hook(lambda _m, _i, o: seen.append(o)) for b in m.blocks]
     with normfree.unfolded(m), torch.no_grad():
         m.eval()(x)
     for h in hooks:
         h.remove()
-    assert [r.res_var for r in stats] == pytest.approx([float(v) for v in seen], rel=1e-4)
+    assert [r.res_var for r in stats] == pytest.approx(
+        [float(o.var(dim=(0, 2, 3), unbiased=False).mean()) for o in seen], rel=1e-4)
+    assert [r.res_mean_sq for r in stats] == pytest.approx(
+        [float(o.mean(dim=(0, 2, 3)).square().mean()) for o in seen], rel=1e-3, abs=1e-9)
 
 
 # --------------------------------------------------------------------------

@@ -204,10 +204,14 @@ class _Moments:
     def empty(self) -> bool:
         return self.n == 0
 
-    def result(self) -> Tuple[float, float]:
-        """(average squared channel mean, average channel variance)."""
+    def result(self, scale: float = 1.0, shift: float = 0.0) -> Tuple[float, float]:
+        """(average squared channel mean, average channel variance) of
+        (x - shift) / scale, where x is what was accumulated."""
         mean = self.s1 / self.n
         var = (self.s2 / self.n - mean * mean).clamp_(min=0.0)
+        if scale != 1.0 or shift != 0.0:
+            mean = (mean - shift) / scale
+            var = var / (scale * scale)
         return float((mean * mean).mean()), float(var.mean())
 
 
@@ -490,16 +494,18 @@ def measure_signal(model: nn.Module, x: InputLike, blocks: Optional[Sequence[nn.
     ours = [b for b in blocks if isinstance(b, ResidualBlock)]
     scales = {b: _as_float(b.branch_scale()) for b in ours}
     need_unfold = any(b.fold and scales[b] == 0.0 for b in ours if b in branch_map)
-    probe: Dict[nn.Module, Tuple[nn.Module, float]] = {}
+    # folded, the last conv outputs s * f(x) (+ Fixup's scalar bias): undo both
+    probe: Dict[nn.Module, Tuple[nn.Module, float, float]] = {}
     for b in blocks:
         br = branch_map.get(b)
         if br is None:
             continue
         if isinstance(b, ResidualBlock) and br is b.branch_out and b.fold and not need_unfold:
             s = scales[b]
-            probe[b] = (b.convs[-1], 1.0 if s is None else s * s)
+            bias = _as_float(b.out_bias.bias) if b.out_bias is not None else 0.0
+            probe[b] = (b.convs[-1], 1.0 if s is None else s, bias)
         else:
-            probe[b] = (br, 1.0)
+            probe[b] = (br, 1.0, 0.0)
 
     out_m = [_Moments(channel_dim) for _ in blocks]
     res_m = [_Moments(channel_dim) for _ in blocks]
@@ -567,10 +573,7 @@ def measure_signal(model: nn.Module, x: InputLike, blocks: Optional[Sequence[nn.
         s = scales.get(b) if isinstance(b, ResidualBlock) else None
         s = 1.0 if s is None else s
         if b in probe and not res_m[i].empty:
-            res_mean_sq, res_var = res_m[i].result()
-            div = probe[b][1]
-            if div != 1.0:
-                res_mean_sq, res_var = res_mean_sq / div, res_var / div
+            res_mean_sq, res_var = res_m[i].result(scale=probe[b][1], shift=probe[b][2])
         if not skip_m[i].empty:
             skip_var = skip_m[i].result()[1]
             a = getattr(b, "skip_scale", None) if isinstance(b, ResidualBlock) else None
