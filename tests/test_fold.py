@@ -188,6 +188,22 @@ def test_torch_export_of_nf_model_and_its_folded_copy():
             torch.testing.assert_close(exported.module()(x), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("stride,padding,kernel", [(1, 1, 3), (2, 1, 3), (2, 0, 1), (1, 3, 7)])
+def test_conv_in_bias_equals_conv_of_biased_input(stride, padding, kernel):
+    torch.manual_seed(0)
+    conv = Conv2d(3, 4, kernel, stride=stride, padding=padding, bias=True)
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    c = torch.tensor(0.3, requires_grad=True)
+    s = torch.tensor(1.7, requires_grad=True)
+    out = conv(x, in_scale=0.5, out_scale=s, in_bias=c)
+    ref = s * conv(0.5 * (x + c))
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    leaves = (x, c, s, conv.weight, conv.bias)
+    for a, b in zip(torch.autograd.grad((out * g).sum(), leaves), torch.autograd.grad((ref * g).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_pool_pad_shortcut_slice_equals_average_pool():
     from normfree.blocks import PoolPadShortcut
     x = torch.randn(2, 3, 7, 7, requires_grad=True)
@@ -215,5 +231,5 @@ def test_bn_free_methods_save_less_for_backward_than_bn():
         return sum(seen.values())
 
     bn = saved_bytes("bn_wrn")
-    for name in ("none", "skipinit", "nf", "nf_he", "rescale"):
+    for name in ("none", "skipinit", "fixup", "nf", "nf_he", "rescale"):
         assert saved_bytes(f"{name}_wrn") < 0.8 * bn, name

@@ -202,9 +202,18 @@ class ResidualBlock(nn.Module):
             return self.gain.gain
         return (self.gain.gain, self.branch_const)
 
+    def _unit(self, unit: nn.Sequential, x: torch.Tensor, fold: bool):
+        """(unit(x), None), or, when folding a trailing Fixup scalar bias into the
+        next conv (``conv(.., in_bias=b)``), (unit(x) without it, b)."""
+        if fold and len(unit) > 1 and isinstance(unit[-1], ScalarBias):
+            for m in list(unit)[:-1]:
+                x = m(x)
+            return x, unit[-1].bias
+        return unit(x), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fold = self.fold
-        out = self.pre(x)
+        out, b_in = self._unit(self.pre, x, fold)
         s_in = self.in_scale
         if s_in is not None and not fold:
             out = out * s_in
@@ -212,7 +221,7 @@ class ResidualBlock(nn.Module):
         if self.shortcut is None:
             skip = x
         elif self.shortcut_uses_preact:
-            skip = self.shortcut(out, in_scale=s_in)
+            skip = self.shortcut(out, in_scale=s_in, in_bias=b_in)
         else:
             skip = self.shortcut(x)
 
@@ -220,16 +229,16 @@ class ResidualBlock(nn.Module):
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
             if i > 0:
-                r = self.mids[i - 1](r)
+                r, b_in = self._unit(self.mids[i - 1], r, fold)
                 s_in = self.mid_scale
                 if s_in is not None and not fold:
                     r = r * s_in
                     s_in = None
             if i == last and fold:  # Fixup's bias after the branch goes into the conv bias
                 out_bias = self.out_bias.bias if self.out_bias is not None else None
-                r = conv(r, in_scale=s_in, out_scale=self._out_scales(), add_bias=out_bias)
+                r = conv(r, in_scale=s_in, out_scale=self._out_scales(), add_bias=out_bias, in_bias=b_in)
             else:
-                r = conv(r, in_scale=s_in)
+                r = conv(r, in_scale=s_in, in_bias=b_in)
         if not fold:
             r = self.branch_out(r)
             s = self.branch_scale()

@@ -141,8 +141,11 @@ def _scale_key(scale) -> tuple:
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` whose forward folds scalar multipliers into its weight.
 
-    ``forward(x, in_scale=a, out_scale=b, add_bias=c) == b * conv(a * x) + c``;
-    with no scales it is exactly ``nn.Conv2d``. ``out_scale`` may be a number,
+    ``forward(x, in_scale=a, out_scale=b, add_bias=c, in_bias=d) ==
+    b * conv(a * (x + d)) + c``; with none of them it is exactly ``nn.Conv2d``.
+    ``in_bias`` (a scalar tensor, Fixup's bias before a conv) is applied as
+    ``conv(x) + d * conv(ones)``, exact with zero padding, so that ``x + d``
+    need not be materialized and saved for backward. ``out_scale`` may be a number,
     a 0-d or per-channel tensor, or a tuple of those (multiplied); ``add_bias``
     a 0-d or per-channel tensor added to the bias (Fixup's bias after the
     branch). State-dict compatible with ``nn.Conv2d``.
@@ -194,9 +197,17 @@ class Conv2d(nn.Conv2d):
         return state
 
     def forward(self, x: torch.Tensor, in_scale: Scale = None, out_scale: Scale = None,
-                add_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                add_bias: Optional[torch.Tensor] = None, in_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         w, b = self._cached_weight_bias(in_scale, out_scale, add_bias)
-        return self._conv_forward(x, w, b)
+        if in_bias is None:
+            return self._conv_forward(x, w, b)
+        if self.padding_mode != "zeros":
+            return self._conv_forward(x + in_bias, w, b)
+        # conv(x + c) = conv(x) + c * conv(ones): zero padding is zero on both sides, and
+        # conv(ones) = the per-channel sum of W over the window, a tiny (1, out, H, W) map
+        ones = x.new_ones((1, 1) + tuple(x.shape[2:]))
+        bias_map = F.conv2d(ones, w.sum(dim=1, keepdim=True), None, self.stride, self.padding, self.dilation)
+        return self._conv_forward(x, w, b).add_(bias_map * in_bias)
 
 
 def _standardize(w: torch.Tensor, eps: float):
