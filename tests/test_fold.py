@@ -125,6 +125,16 @@ def test_no_grad_cache_is_invalidated_by_optimizer_step_and_load_state_dict(name
                                rtol=0, atol=0)
 
 
+def test_cache_with_parameters_created_in_inference_mode():
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        conv = ScaledStdConv2d(3, 4, 3, padding=1)
+        x = torch.randn(1, 3, 5, 5)
+        a = conv(x)
+        conv.weight.mul_(2.0)
+        conv.gain.mul_(3.0)
+        torch.testing.assert_close(conv(x), 3.0 * a)
+
+
 def test_cache_not_in_state_dict_and_survives_deepcopy_pickle_and_dtype_change():
     model = perturbed("nf_wrn").eval()
     x = torch.randn(2, 3, 8, 8)

@@ -134,6 +134,8 @@ def _scale_key(scale) -> tuple:
     if isinstance(scale, tuple):
         return tuple(_scale_key(s) for s in scale)
     if isinstance(scale, torch.Tensor):
+        if scale.is_inference():  # no version counter: never treat as unchanged
+            return (object(),)
         return (id(scale), scale._version, scale.data_ptr(), scale.dtype, scale.device)
     return (scale,)
 
