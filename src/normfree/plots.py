@@ -133,11 +133,12 @@ def plot_depth(curves: Mapping[str, Sequence], path, chance: Optional[float] = N
         a1.plot([d for d, _ in ok], [r["final_train_loss"] for _, r in ok], "-", marker=m, color=c, label=label)
         a2.plot([d for d, _ in ok], [100 * (r["test_acc"] or 0) for _, r in ok], "-", marker=m, color=c, label=label)
         div = [d for d, r in pts if r is None]
-        a1.plot(div, [1.0] * len(div), "x", ms=10, mew=2, color=c, transform=a1.get_xaxis_transform())
-        a2.plot(div, [0.02] * len(div), "x", ms=10, mew=2, color=c, transform=a2.get_xaxis_transform())
+        y = 0.97 - 0.035 * k  # stagger the markers so that coinciding ones stay visible
+        a1.plot(div, [y] * len(div), "x", ms=9, mew=2, color=c, transform=a1.get_xaxis_transform())
+        a2.plot(div, [1 - y] * len(div), "x", ms=9, mew=2, color=c, transform=a2.get_xaxis_transform())
     if chance:
         a1.axhline(chance, color="0.5", ls="--", lw=1)
-        a1.text(a1.get_xlim()[0], chance, " chance loss", va="bottom", color="0.4", fontsize=8)
+        a1.text(0.01, chance, "chance loss", va="bottom", color="0.4", fontsize=8, transform=a1.get_yaxis_transform())
     for ax, yl in ((a1, "final training loss (best lr)"), (a2, "test accuracy % (best lr)")):
         ax.set_xscale("log")
         ax.set_xlabel("depth (layers, WRN 6n+4)")
@@ -165,7 +166,7 @@ def plot_lr_sweep(groups: Mapping[tuple, Sequence[dict]], labels: Sequence[str],
             c = colors[k % len(colors)]
             ax.plot([r["lr"] for r in ok], [100 * r["test_acc"] for r in ok], "-o", color=c, label=label)
             div = [r["lr"] for r in runs if r["status"] != "ok"]
-            ax.plot(div, [0.03] * len(div), "x", ms=10, mew=2, color=c, transform=ax.get_xaxis_transform())
+            ax.plot(div, [0.03 + 0.035 * k] * len(div), "x", ms=9, mew=2, color=c, transform=ax.get_xaxis_transform())
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("test accuracy %")
