@@ -237,14 +237,17 @@ class _ScaledStdWeight(torch.autograd.Function):
         w = weight.reshape(weight.shape[0], -1)
         c, r, var = _standardize(w, eps)
         m = mult.reshape(-1, 1)
-        ctx.save_for_backward(c, r, m, var * w.shape[1] >= eps)
+        # c is recomputed in backward from the weight (saved anyway): no weight-sized copy kept
+        ctx.save_for_backward(weight, r, m, var * w.shape[1] >= eps)
         ctx.mult_shape = mult.shape
         return (c * (r * m)).view_as(weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        c, r, m, free = ctx.saved_tensors
+        weight, r, m, free = ctx.saved_tensors
+        w = weight.reshape(weight.shape[0], -1)
+        c = w - w.mean(dim=1, keepdim=True)
         g = grad.reshape(c.shape)
         gc = (g * c).sum(dim=1, keepdim=True)  # sum(g c) per channel (faster than bmm on CPU)
         dot = gc * r  # sum(g u)
