@@ -28,8 +28,8 @@ def test_quick_study_writes_a_complete_report(quick):
                   "Regularized SkipInit", "Shallow paths", "Adaptive gradient clipping"]:
         assert title in md and title in page
     # the html is self-contained: figures embedded, none linked
-    assert page.count("data:image/png;base64,") >= 6 and "src='figures/" not in page
-    for fig in ["spp", "depth", "batch_lr", "paths_tracking", "lesion", "agc"]:
+    assert page.count("data:image/png;base64,") >= 7 and "src='figures/" not in page
+    for fig in ["spp", "spp_none", "depth", "batch_lr", "paths_tracking", "lesion", "agc"]:
         for ext in ("png", "svg"):
             assert os.path.getsize(os.path.join(out, "figures", f"{fig}.{ext}")) > 1000
     assert "platform" in md and "torch" in md  # configuration and machine
