@@ -83,9 +83,11 @@ def test_full_preset_starts_on_cifar10(tmp_path, capsys):
 
 
 def test_cli_runs_one_experiment(tmp_path, capsys):
-    code = cli.main(["study", "--quick", "--experiments", "spp", "--out", str(tmp_path), "--no-progress"])
+    code = cli.main(["study", "--quick", "--experiments", "spp", "--out", str(tmp_path), "--no-progress",
+                     "--set", "spp_depth=16"])
     assert code == 0
     out = capsys.readouterr().out
+    assert "WRN-16-1 (6 residual blocks)" in open(tmp_path / "report.md").read()
     assert HOLDS in out and "SkipInit (alpha = 0)" in out
     assert os.path.exists(tmp_path / "report.html")
 
@@ -93,6 +95,10 @@ def test_cli_runs_one_experiment(tmp_path, capsys):
 def test_bad_study_arguments(tmp_path, capsys):
     assert cli.main(["study", "--quick", "--experiments", "spp,bogus", "--out", str(tmp_path)]) == 2
     assert "unknown experiment(s) ['bogus']" in capsys.readouterr().err
+    assert cli.main(["study", "--quick", "--set", "depths=ten", "--out", str(tmp_path)]) == 2
+    assert "bad value in size override 'depths=ten'" in capsys.readouterr().err
+    assert cli.main(["study", "--quick", "--set", "dept=10", "--out", str(tmp_path)]) == 2
+    assert "bad size override 'dept=10'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         run_study("huge", str(tmp_path))
     assert set(EXPERIMENTS) == {"spp", "depth", "batch", "regularized", "paths", "agc"}

@@ -155,13 +155,18 @@ def add_study(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--max-train-examples", type=int, default=None, help="train on a seeded subset of this size")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a size of the preset (repeatable), e.g. --set depths=10,34,100 "
+                        "--set depth_steps=300; the keys are the fields of normfree.study.StudySize")
     p.add_argument("--plan", action="store_true", help="print the runs and their share of the work; run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args) -> int:
         from .study import run_study
 
-        extra = {}
+        from .study import parse_size_overrides
+
+        extra = parse_size_overrides(args.set)
         if args.max_train_examples:
             extra["max_train_examples"] = args.max_train_examples
         result = run_study(args.preset, args.out, data=args.data, data_dir=args.data_dir,

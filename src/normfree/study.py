@@ -107,6 +107,35 @@ PRESETS: Dict[str, StudySize] = {
 }
 
 
+def parse_size_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """``["depths=10,34", "depth_steps=300"]`` -> ``{"depths": (10, 34), "depth_steps": 300}``,
+    typed by the :class:`StudySize` field; a clear error for unknown keys or bad values."""
+    fields = {f.name: f for f in dataclasses.fields(StudySize)}
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ValueError(f"bad size override {item!r}: use KEY=VALUE with KEY one of {sorted(fields)}")
+        default = getattr(PRESETS["default"], key)
+        try:
+            if isinstance(default, tuple):
+                kind = type(default[0]) if default else float
+                out[key] = tuple(kind(v) for v in value.split(",") if v.strip())
+            elif key == "data":
+                out[key] = value
+            elif value.lower() == "none":
+                out[key] = None
+            elif isinstance(default, int) or key.startswith("max_"):
+                out[key] = int(value)
+            else:
+                out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"bad value in size override {item!r} (expected "
+                             f"{'comma-separated numbers' if isinstance(default, tuple) else 'a number'})") from None
+    return out
+
+
 # --------------------------------------------------------------------------
 # runs
 # --------------------------------------------------------------------------
