@@ -446,6 +446,12 @@ def _stage_fit(stats, field_name="var"):
     return stages
 
 
+def _worst(values: Sequence[float]) -> float:
+    """The smallest finite value (nan if none)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return min(finite) if finite else float("nan")
+
+
 def _linear_r2(y: Sequence[float]) -> Tuple[float, float]:
     """(slope, R^2) of a least-squares line through y against 1..n."""
     y = np.asarray(y, dtype=np.float64)
@@ -545,13 +551,13 @@ def spp_section(ctx: Context) -> Section:
     for vals in _stage_fit(results["bn"]).values():
         b, r2 = _linear_r2(vals)
         slopes.append(b), r2s.append(r2)
-    r2 = float(np.nanmin(r2s)) if r2s else float("nan")
+    r2 = _worst(r2s)
     v = HOLDS if r2 >= 0.95 and min(slopes) > 0 else FAILS if (r2 < 0.8 or min(slopes) <= 0) else UNSURE
     rb = [_linear_r2(vals)[1] for vals in _stage_fit(results["relubn"]).values()]
     sec.claims.append(Claim(
         "With batch normalization the variance grows linearly with depth within a stage (Var(x_l) ~ l).",
         "De & Smith 2020", f"bn: slope per block {', '.join(f'{s:.2f}' for s in slopes)} (per stage), "
-        f"worst R^2 of a linear fit {r2:.3f}; relubn worst R^2 {np.nanmin(rb):.3f}", v,
+        f"worst R^2 of a linear fit {r2:.3f}; relubn worst R^2 {_worst(rb):.3f}", v,
         "holds if every stage's linear fit has slope > 0 and R^2 >= 0.95; does not hold if R^2 < 0.8 or a slope <= 0"))
 
     ks, rs = [], []
@@ -559,7 +565,7 @@ def spp_section(ctx: Context) -> Section:
         for k, r in enumerate(vals, 1):
             if r is not None and r > 0 and k >= 2:
                 ks.append(math.log(k)), rs.append(math.log(r))
-    slope = float(np.polyfit(ks, rs, 1)[0]) if len(ks) > 2 else float("nan")
+    slope = float(np.polyfit(ks, rs, 1)[0]) if len(set(ks)) > 2 else float("nan")
     v = HOLDS if -0.7 <= slope <= -0.3 else FAILS if not (-0.85 <= slope <= -0.15) else UNSURE
     sec.claims.append(Claim(
         "Batch normalization downscales each residual branch relative to the skip path by ~1/sqrt(l).",
