@@ -379,7 +379,7 @@ def _cell(v) -> str:
 
 def _md_table(head, rows) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_cell(c).replace("|", "/") for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(c).replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
