@@ -10,6 +10,7 @@ from .models import ARCHS, Arch, ResNet, create_model, list_models, make_arch
 from .schemes import SCHEMES, Scheme, list_methods, make_scheme
 from .signal import (BlockStats, GradStats, SignalStats, effective_depth, find_blocks, measure_gradients,
                      measure_signal, path_length_distribution, predict_variance)
+from .study import run_study
 from .train import TrainConfig, TrainResult, evaluate, train
 
 __version__ = "0.1.0"
