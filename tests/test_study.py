@@ -4,6 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from normfree import cli
 from normfree.study import EXPERIMENTS, FAILS, HOLDS, UNSURE, run_study
@@ -83,8 +84,14 @@ def test_full_preset_starts_on_cifar10(tmp_path, capsys):
 
 
 def test_cli_runs_one_experiment(tmp_path, capsys):
-    code = cli.main(["study", "--quick", "--experiments", "spp", "--out", str(tmp_path), "--no-progress",
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the study runs on 1 thread and must give the caller's setting back
+    try:
+        code = cli.main(["study", "--quick", "--experiments", "spp", "--out", str(tmp_path), "--no-progress",
                      "--set", "spp_depth=16"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert code == 0
     out = capsys.readouterr().out
     assert "WRN-16-1 (6 residual blocks)" in open(tmp_path / "report.md").read()

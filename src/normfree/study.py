@@ -958,13 +958,27 @@ def run_study(preset: str = "default", out: str = "runs/study", *, data: Optiona
             or "full" (the papers' scale: CIFAR-10, WRN up to depth 1000; meant for a GPU).
         data, data_dir: the data set (default: the preset's) and where its files are.
         experiments: any of ``EXPERIMENTS``.
-        jobs: worker processes for training runs (default: CPU cores; 1 on a GPU).
+        jobs: worker processes for training runs (default: CPU cores, at most 4; 1 on a GPU).
         threads: torch threads per worker.
         plan_only: only print the runs and their estimated share of the work.
         **overrides: fields of :class:`StudySize` (e.g. ``depths=(10, 16)``).
 
-    Returns a dict with the claims, the report paths and run counts.
+    Returns a dict with the claims, the report paths and run counts. The caller's
+    torch thread count is restored on return.
     """
+    previous_threads = torch.get_num_threads()
+    try:
+        return _run_study(preset, out, data=data, data_dir=data_dir, experiments=experiments, seed=seed,
+                          jobs=jobs, threads=threads, device=device, progress=progress, plan_only=plan_only,
+                          log=log, **overrides)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_study(preset: str = "default", out: str = "runs/study", *, data: Optional[str] = None,
+              data_dir: Optional[str] = None, experiments: Sequence[str] = EXPERIMENTS, seed: int = 0,
+              jobs: Optional[int] = None, threads: int = 1, device: str = "cpu", progress: bool = True,
+              plan_only: bool = False, log: Callable[[str], None] = print, **overrides) -> Dict[str, Any]:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")
     bad = [e for e in experiments if e not in EXPERIMENTS]
