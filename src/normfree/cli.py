@@ -136,7 +136,7 @@ def add_study(sub) -> None:
                     "depth, batch size x learning rate, regularized SkipInit, shallow paths and lesions, AGC) and "
                     "write OUT/report.md and a self-contained OUT/report.html with figures, tables and a claims "
                     "table. Finished runs are kept in OUT/runs/, so an interrupted study restarted with the same "
-                    "--out reuses them. Default: ~20 minutes on 2 CPU cores on the built-in digits data.")
+                    "--out reuses them. Default: ~6 minutes on 2 idle CPU cores on the built-in digits data.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="preset", const="quick",
                       help="the same pipeline at tiny sizes (a minute or two; used by the tests)")
