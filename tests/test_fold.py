@@ -34,21 +34,69 @@ def perturbed(name, **kw):
     return model
 
 
-def test_fused_ws_backward_matches_autograd_reference_and_gradcheck():
+def reference_fold(w, gain, scale, bias, in_const, out_const):
+    """reference_ws with the folded scales and the scaled bias, in plain autograd ops."""
+    m = gain * in_const * out_const
+    if scale is not None:
+        m = m * (scale.reshape(-1, 1, 1, 1) if scale.dim() else scale)
+    b = None
+    if bias is not None:
+        b = bias * out_const * (1.0 if scale is None else scale.reshape(-1))
+    return reference_ws(w, m), b
+
+
+@pytest.mark.parametrize("scale_kind", [None, "scalar", "per_channel"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_ws_fold_matches_autograd_reference_and_gradcheck(scale_kind, with_bias):
     torch.manual_seed(0)
-    w = torch.randn(6, 3, 3, 3, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    w = torch.randn(6, 3, 3, 3, **f64)
     w[1] = 0.3  # constant filter: the eps guard is active
     w[2] *= 1e-4  # tiny filter: guard active, gradient differs from the unguarded one
     w.requires_grad_(True)
-    m = torch.rand(6, 1, 1, 1, dtype=torch.float64, requires_grad=True)
-    fused = _ScaledStdWeight.apply(w, m, 1e-4)
-    torch.testing.assert_close(fused, reference_ws(w, m), rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(w)
-    got = torch.autograd.grad((fused * g).sum(), (w, m))
-    want = torch.autograd.grad((reference_ws(w, m) * g).sum(), (w, m))
+    gain = torch.rand(6, 1, 1, 1, **f64, requires_grad=True)
+    scale = {None: None, "scalar": torch.tensor(0.7, **f64),
+             "per_channel": torch.rand(6, **f64)}[scale_kind]
+    if scale is not None:
+        scale.requires_grad_(True)
+    bias = torch.randn(6, **f64, requires_grad=True) if with_bias else None
+    inputs = [t for t in (w, gain, scale, bias) if t is not None]
+
+    def unpack(ts):
+        it = iter(ts)
+        return next(it), next(it), next(it) if scale is not None else None, next(it) if bias is not None else None
+
+    def fused(*ts):
+        return tuple(o for o in _ScaledStdWeight.apply(*unpack(ts), 1.3, 0.2, 1e-4) if o is not None)
+
+    def ref(*ts):
+        return tuple(o for o in reference_fold(*unpack(ts), 1.3, 0.2) if o is not None)
+
+    got, want = fused(*inputs), ref(*inputs)
     for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    gs = [torch.randn_like(o) for o in got]
+    for a, b in zip(torch.autograd.grad(got, inputs, gs), torch.autograd.grad(want, inputs, gs)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda w, m: _ScaledStdWeight.apply(w, m, 1e-4), (w, m))
+    assert torch.autograd.gradcheck(fused, inputs)
+
+
+def test_fused_ws_keeps_channels_last_and_matches_contiguous():
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(4, 6, 3, padding=1)
+    conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 5, 5)
+    outs, grads = [], []
+    for c, xi in ((conv, x), (conv_cl, x.to(memory_format=torch.channels_last))):
+        w_hat, _ = c.folded_weight_bias(out_scale=0.5)
+        assert w_hat.is_contiguous(memory_format=torch.channels_last) == (c is conv_cl)
+        out = c(xi, out_scale=0.5)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append((c.weight.grad.contiguous(), c.gain.grad, c.bias.grad))
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_scaled_std_conv_training_grads_equal_reference():
