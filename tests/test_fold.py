@@ -137,6 +137,28 @@ def test_folded_scalars_give_same_outputs_and_gradients(name):
         torch.testing.assert_close(grads_f[n], grads_u[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("arch", ["wrn", "resnet50"])
+def test_folded_fixup_runs_only_the_unfoldable_scalar_biases(arch):
+    """Folded, a Fixup block adds only the bias on its input (shared with the
+    skip path) as a separate op; the others ride in conv biases or conv(ones)."""
+    from normfree.layers import ScalarBias
+    kw = dict(depth=10, width=1) if arch == "wrn" else dict(width=0.125, num_classes=10)
+    model = normfree.create_model(f"fixup_{arch}", **kw)
+    calls = []
+    blocks = [m for m in model.modules() if isinstance(m, normfree.ResidualBlock)]
+    for m in (m for b in blocks for m in b.modules()):
+        if isinstance(m, ScalarBias):
+            m.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 3, 16, 16)
+    model(x)
+    assert len(calls) == len(blocks)
+    calls.clear()
+    with unfolded(model):
+        model(x)
+    per_block = 1 + 2 * len(blocks[0].mids) + 1 + 1  # pre: 2, mids: 2 each, out bias: 1
+    assert len(calls) == per_block * len(blocks)
+
+
 def _eval_out(model, x, grad: bool):
     with torch.set_grad_enabled(grad):
         return model(x).detach()

@@ -202,14 +202,26 @@ class ResidualBlock(nn.Module):
             return self.gain.gain
         return (self.gain.gain, self.branch_const)
 
-    def _unit(self, unit: nn.Sequential, x: torch.Tensor, fold: bool):
+    def _unit(self, unit: nn.Sequential, x: torch.Tensor, fold: bool, lead_folded: bool = False):
         """(unit(x), None), or, when folding a trailing Fixup scalar bias into the
-        next conv (``conv(.., in_bias=b)``), (unit(x) without it, b)."""
-        if fold and len(unit) > 1 and isinstance(unit[-1], ScalarBias):
-            for m in list(unit)[:-1]:
+        next conv (``conv(.., in_bias=b)``), (unit(x) without it, b). With
+        ``lead_folded`` the unit's leading scalar bias was already added by the
+        previous conv (as its ``add_bias``) and is skipped here."""
+        layers = list(unit)[1:] if lead_folded else list(unit)
+        if fold and len(layers) > 1 and isinstance(layers[-1], ScalarBias):
+            for m in layers[:-1]:
                 x = m(x)
-            return x, unit[-1].bias
-        return unit(x), None
+            return x, layers[-1].bias
+        for m in layers:
+            x = m(x)
+        return x, None
+
+    def _lead_bias(self, i: int, fold: bool) -> Optional[torch.Tensor]:
+        """Fixup's scalar bias at the start of mid unit ``i`` (before its activation),
+        which conv ``i`` adds as its ``add_bias`` when folding (exact: it follows the conv)."""
+        if fold and i < len(self.mids) and isinstance(self.mids[i][0], ScalarBias):
+            return self.mids[i][0].bias
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fold = self.fold
@@ -225,11 +237,11 @@ class ResidualBlock(nn.Module):
         else:
             skip = self.shortcut(x)
 
-        r = out
+        r, lead = out, None
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
             if i > 0:
-                r, b_in = self._unit(self.mids[i - 1], r, fold)
+                r, b_in = self._unit(self.mids[i - 1], r, fold, lead_folded=lead is not None)
                 s_in = self.mid_scale
                 if s_in is not None and not fold:
                     r = r * s_in
@@ -237,8 +249,9 @@ class ResidualBlock(nn.Module):
             if i == last and fold:  # Fixup's bias after the branch goes into the conv bias
                 out_bias = self.out_bias.bias if self.out_bias is not None else None
                 r = conv(r, in_scale=s_in, out_scale=self._out_scales(), add_bias=out_bias, in_bias=b_in)
-            else:
-                r = conv(r, in_scale=s_in, in_bias=b_in)
+            else:  # Fixup's bias before the next activation goes into this conv's bias
+                lead = self._lead_bias(i, fold)
+                r = conv(r, in_scale=s_in, add_bias=lead, in_bias=b_in)
         if not fold:
             r = self.branch_out(r)
             s = self.branch_scale()
