@@ -173,6 +173,26 @@ def train_flops(runner: Runner) -> int:
     return counter.get_total_flops()
 
 
+def standardization_seconds(model: torch.nn.Module, reps: int, device: torch.device) -> tuple:
+    """(median seconds, weights) of Scaled WS forward + backward over every
+    ScaledStdConv2d of ``model``, the weight-sized work an NF training step adds."""
+    convs = [m for m in model.modules() if isinstance(m, normfree.ScaledStdConv2d)]
+    grads = [torch.randn_like(c.weight) for c in convs]
+    times = []
+    for i in range(reps + 1):
+        sync(device)
+        t = time.perf_counter()
+        for c, g in zip(convs, grads):
+            w, _ = c.folded_weight_bias(in_scale=1.5, out_scale=0.5)  # as in a block: scales folded
+            w.backward(g)
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t)
+    for c in convs:
+        c.weight.grad = c.gain.grad = None
+    return statistics.median(times), sum(c.weight.numel() for c in convs)
+
+
 def bench_config(arch: str, spec, methods: List[str], args, device: torch.device, peak: float) -> dict:
     model_arch, kwargs, hw, batch = spec
     if args.batch:
@@ -216,7 +236,11 @@ def bench_config(arch: str, spec, methods: List[str], args, device: torch.device
                     r[f"train_x_{ref}"] = paired_ratio(t_train[ref], t_train[r["method"]])
                     r[f"mem_x_{ref}"] = r["peak_mb"] / by[ref]["peak_mb"]
     title = f"{arch}: {model_arch} {kwargs}, {hw}x{hw}, batch {batch}"
-    return {"arch": arch, "title": title, "batch": batch, "hw": hw, "rows": rows}
+    out = {"arch": arch, "title": title, "batch": batch, "hw": hw, "rows": rows}
+    if "nf" in models:
+        ws_s, n = standardization_seconds(models["nf"], args.reps, device)
+        out["nf_ws"] = {"seconds": ws_s, "weights": n, "share_of_nf_step": ws_s / med(t_train["nf"])}
+    return out
 
 
 def fmt(v, spec: str) -> str:
@@ -236,6 +260,11 @@ def print_table(result: dict, memory_label: str) -> None:
               f"{fmt(g('eval_x_none'), '6.2f')} | {fmt(g('peak_mb'), f'{len(memory_label)}.1f')} | "
               f"{fmt(g('mem_x_bn'), '5.2f')} | {fmt(g('gflop_step'), '10.1f')} | {fmt(g('gflop_s'), '7.1f')} | "
               f"{fmt(g('pct_peak'), '6.1f')} |")
+    ws = result.get("nf_ws")
+    if ws:
+        print(f"\nnf: weight standardization (forward + backward over {ws['weights'] / 1e6:.1f}M weights, "
+              f"timed alone) {1e3 * ws['seconds']:.1f} ms = {100 * ws['share_of_nf_step']:.1f}% of nf's "
+              f"training step; a fixed cost per step, whatever the batch size")
 
 
 def checks(result: dict) -> List[str]:
