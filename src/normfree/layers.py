@@ -348,10 +348,11 @@ class ScaledStdConv2d(Conv2d):
 
     mean and biased variance over the fan-in axes of each output channel,
     N = fan-in, g a learnable per-channel gain (init 1); bias init 0. Written
-    with plain mean ops (no ``std_mean``) so it exports with ``torch.export``
-    and ONNX. In training the gain and any folded scales enter as one
-    per-channel multiplier of a fused standardization with a hand-written
-    backward; without autograd the result is cached (see :class:`Conv2d`).
+    with mean and ``vector_norm`` (no ``std_mean`` / ``var_mean``), so that it
+    exports with ``torch.export`` (tested). In training the gain and any folded
+    scales enter as one per-channel multiplier of a fused standardization with
+    a hand-written backward; without autograd the result is cached (see
+    :class:`Conv2d`) and is bit-identical to the training path's.
     """
 
     def __init__(self, *args, eps: float = 1e-4, **kwargs):
