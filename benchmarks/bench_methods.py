@@ -2,39 +2,49 @@
 
     .venv/bin/python benchmarks/bench_methods.py          # `make bench`: WRN-16-4 @32x32 and ResNet-50 @128x128
     .venv/bin/python benchmarks/bench_methods.py --quick  # smoke run (tiny sizes, a few seconds)
+    .venv/bin/python benchmarks/bench_methods.py --archs resnet50 --methods bn,none,nf --batch 8,16,32,64
     .venv/bin/python benchmarks/bench_methods.py --methods bn,none,nf --device cuda --json out.json
 
 For each architecture and method it prints training-step throughput (forward,
 backward and SGD step, images/s), inference throughput (eval mode under
-``torch.inference_mode``, images/s), peak memory and their ratios to ``bn``
-and ``none`` in the same run, plus GFLOP/s of the training step against the
-machine's float32 matmul peak measured in the same process. The row
-``nf.fold`` is the NF model exported by :func:`normfree.fold.fold_model`
-(plain convolutions, scalars folded in), timed for inference only.
+``torch.inference_mode``, images/s), peak memory of a training step, memory
+saved for backward, their ratios to ``bn`` and ``none`` in the same run, plus
+GFLOP/s of the training step against the machine's float32 matmul peak
+measured in the same process. The row ``nf.fold`` is the NF model exported by
+:func:`normfree.fold.fold_model` (plain convolutions, scalars folded in),
+timed for inference only. With several batch sizes (``--batch 8,16,32``) it
+prints one table per batch size and a summary of the training-throughput
+ratios against the batch size.
 
 Method: all models are built first; then warm-up steps and ``--reps`` timed
 steps are run round-robin over the methods (the order rotates each round), so
 that machine noise hits all of them alike. img/s are from median step times;
 a ratio "x bn" is the median over rounds of t_bn / t_method, each round's
 steps having run back to back under the same load; the goal lines give the
-ratio's quartiles over rounds too (on a shared VM, 5-10% of CPU time can be
-stolen by the host, and single ratios move by a few percent between runs).
-Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during a training step
-(minus what was allocated before it); on CPU, the bytes of the distinct
-tensors autograd saves for the backward pass (activations plus weights; via
-``torch.autograd.graph.saved_tensors_hooks``), which is what dominates the
-peak of a training step and what a normalization layer adds to.
+ratio's quartiles over rounds too (on a shared VM single ratios move by
+several percent between runs: read the quartiles).
+Memory: "peak MB" is the peak memory a training step adds to what the model
+and optimizer hold before it: on CUDA ``torch.cuda.max_memory_allocated``
+during a step minus what was allocated before it; on CPU (Linux) the growth
+of the peak resident set (VmHWM, reset through /proc/self/clear_refs) during
+one step, measured in a fresh process per method so that no other model or
+allocator state counts (``--no-peak-memory`` skips these probes). "saved MB"
+is the bytes of the distinct tensors autograd saves for the backward pass
+(activations plus weights; via ``torch.autograd.graph.saved_tensors_hooks``):
+the part of the peak that a normalization layer adds to, exact and free of
+allocator effects.
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over forward + backward
-(convolutions and matmuls only).
-Denormals: the benchmark trains on random data at lr 1e-3, where the gradients
-through Fixup's (and SkipInit's) zero-initialized layers become products of
-tiny numbers; once they fall below 1.2e-38 (float32 denormals) x86 CPUs
-process them up to ~100x slower and Fixup's step took 3.6 s instead of 1.3 s.
-Real training at lr 0.1 did not show it (WRN-28-2 on digits, same time with
-and without flushing), so by default denormals are flushed to zero
-(``torch.set_flush_denormal(True)``, set before torch starts its threads,
-which inherit it; TensorFlow does the same by default) and the table measures
-the methods, not the denormal artifact. ``--keep-denormals`` shows it.
+(convolutions and matmuls only). Under each table: the time of NF's weight
+standardization alone and its share of the nf step, and the minor page faults
+per timed training step (memory the allocator took fresh from the kernel).
+Learning rate 0: each timed step does all of a training step's work, but the
+SGD update (lr 0) leaves every model at its initialization, so that no
+model's numbers drift into NaN/Inf or float32 denormals: both change the
+speed of some kernels (see :class:`Runner`), and at lr 1e-3 on random data
+the unnormalized ResNet-50 was NaN from its third step on and Fixup's
+zero-initialized layers produced denormals that slowed its step ~3x (both
+measured with an earlier version of this script).
+Rows whose loss or parameters are not finite are flagged under the table.
 """
 from __future__ import annotations
 
@@ -42,16 +52,19 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+sys.path.insert(0, SRC)
 import normfree  # noqa: E402
 from normfree.fold import fold_model  # noqa: E402
 
@@ -68,24 +81,31 @@ QUICK = {
 FOLD_ROW = "nf.fold"
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (fresh memory touched for the first time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, n: int, reps: int = 10) -> float:
-    """Best float32 GFLOP/s of an n x n matmul (2 n^3 FLOPs) over ``reps`` runs."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    best = float("inf")
-    for i in range(reps + 2):
-        sync(device)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+def matmul_peak(device: torch.device, sizes: Tuple[int, ...], reps: int = 6) -> float:
+    """Best float32 GFLOP/s of an n x n matmul (2 n^3 FLOPs), over ``reps``
+    runs of each size n in ``sizes`` (the fastest size differs between machines)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        for i in range(reps + 2):
+            sync(device)
+            t = time.perf_counter()
+            torch.mm(a, b)
+            sync(device)
+            if i >= 2:
+                best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
@@ -107,11 +127,20 @@ def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> int:
 
 
 class Runner:
-    """One model with its optimizer and fixed data."""
+    """One model with its optimizer and fixed data. The SGD step has learning
+    rate 0: it does all of a step's work (momentum update, in-place weight
+    update, which also invalidates NF's weight cache) but leaves every model at
+    its initialization, so that no model drifts into NaN/Inf or denormal
+    numbers. At lr 1e-3 the unnormalized ResNet-50 (``none``) was NaN from its
+    third step on, and NaN inputs make some kernels faster (its max-pool took
+    7 ms instead of 17): the table would have timed that artifact."""
+
+    LR = 0.0
 
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool):
         self.model, self.x, self.y = model, x, y
-        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if train else None
+        self.opt = torch.optim.SGD(model.parameters(), lr=self.LR, momentum=0.9) if train else None
+        self.last_loss: Optional[torch.Tensor] = None
 
     def loss(self) -> torch.Tensor:
         return F.cross_entropy(self.model(self.x), self.y)
@@ -122,6 +151,13 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        self.last_loss = loss.detach()
+
+    def finite(self) -> bool:
+        """The last training loss and every parameter are finite (the timings measured real numbers)."""
+        if self.last_loss is not None and not bool(torch.isfinite(self.last_loss)):
+            return False
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def eval_step(self) -> None:
         self.model.eval()
@@ -130,13 +166,17 @@ class Runner:
 
 
 def timed_round_robin(runners: Dict[str, Runner], step: str, warmup: int, reps: int,
-                      device: torch.device) -> Dict[str, List[float]]:
-    """Seconds of each timed call of ``runner.<step>()`` per method; in round
-    ``r`` every method runs once (order rotated), so ``times[m][r]`` of
-    different methods were measured under the same machine load."""
+                      device: torch.device) -> Tuple[Dict[str, List[float]], float]:
+    """Seconds of each timed call of ``runner.<step>()`` per method, and the
+    page faults per timed call; in round ``r`` every method runs once (order
+    rotated), so ``times[m][r]`` of different methods were measured under the
+    same machine load."""
     names = list(runners)
     times: Dict[str, List[float]] = {n: [] for n in names}
+    faults = 0
     for r in range(warmup + reps):
+        if r == warmup:
+            faults = minor_faults()
         k = r % len(names)
         for name in names[k:] + names[:k]:
             fn = getattr(runners[name], step)
@@ -146,7 +186,7 @@ def timed_round_robin(runners: Dict[str, Runner], step: str, warmup: int, reps: 
             sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t)
-    return times
+    return times, (minor_faults() - faults) / (reps * len(names))
 
 
 def paired_ratio(t_ref: List[float], t_m: List[float]) -> float:
@@ -163,17 +203,70 @@ def ratio_spread(t_ref: List[float], t_m: List[float]) -> tuple:
     return q[0], q[2]
 
 
-def peak_memory(runner: Runner, device: torch.device) -> int:
-    if device.type == "cuda":
-        runner.opt.zero_grad(set_to_none=True)
-        sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        runner.train_step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    runner.model.train()
-    return saved_tensor_bytes(runner.loss)
+# A training step in a fresh process: its peak resident memory above what the
+# model, optimizer and data held before it (Linux: VmRSS, and VmHWM after
+# resetting it through /proc/self/clear_refs).
+_RSS_PROBE = r"""
+import json, sys
+import torch, torch.nn.functional as F
+spec = json.loads(sys.argv[1])
+sys.path.insert(0, spec["src"])
+import normfree
+
+def status_kb(field):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith(field + ":"))
+
+torch.set_num_threads(spec["threads"])
+torch.manual_seed(0)
+model = normfree.create_model(spec["name"], **spec["kwargs"])
+fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+model = model.to(memory_format=fmt)
+opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # as the timed steps
+
+def step(batch):
+    x = torch.randn(batch, 3, spec["hw"], spec["hw"]).contiguous(memory_format=fmt)
+    y = torch.randint(0, spec["kwargs"]["num_classes"], (batch,))
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+step(2)  # one-time set-up (kernels, threads) and the momentum buffers, as before a CUDA step is measured
+base = status_kb("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset the peak (VmHWM) to the current RSS
+step(spec["batch"])
+print(json.dumps({"peak_bytes": 1024 * (status_kb("VmHWM") - base)}))
+"""
+
+
+def cpu_step_peak_bytes(name: str, kwargs: dict, hw: int, batch: int, channels_last: bool) -> Optional[int]:
+    """Peak RSS growth of one training step (forward, backward, SGD step) of
+    ``name``, run in a fresh Python process so that no other model's memory or
+    allocator state counts, after a batch-2 step has done the one-time set-up
+    and created the momentum buffers. None where /proc/self/clear_refs is not
+    available (not Linux)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    spec = dict(src=SRC, name=name, kwargs=kwargs, hw=hw, batch=batch, channels_last=channels_last,
+                threads=torch.get_num_threads())
+    proc = subprocess.run([sys.executable, "-c", _RSS_PROBE, json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe of {name} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def cuda_step_peak_bytes(runner: Runner, device: torch.device) -> int:
+    """``torch.cuda.max_memory_allocated`` during a training step, minus what was allocated before it."""
+    runner.opt.zero_grad(set_to_none=True)
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    runner.train_step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
 
 
 def train_flops(runner: Runner) -> int:
@@ -204,10 +297,9 @@ def standardization_seconds(model: torch.nn.Module, reps: int, device: torch.dev
     return statistics.median(times), sum(c.weight.numel() for c in convs)
 
 
-def bench_config(arch: str, spec, methods: List[str], args, device: torch.device, peak: float) -> dict:
+def bench_config(arch: str, spec, methods: List[str], args, device: torch.device,
+                 matmul_gflop_s: float) -> dict:
     model_arch, kwargs, hw, batch = spec
-    if args.batch:
-        batch = args.batch
     torch.manual_seed(0)
     x = torch.randn(batch, 3, hw, hw, device=device)
     y = torch.randint(0, kwargs["num_classes"], (batch,), device=device)
@@ -225,18 +317,29 @@ def bench_config(arch: str, spec, methods: List[str], args, device: torch.device
         evals[FOLD_ROW] = Runner(fold_model(models["nf"]).eval(), x, y, False)
 
     flops = {m: train_flops(train[m]) for m in methods}
-    mem = {m: peak_memory(train[m], device) for m in methods}
-    t_train = timed_round_robin(train, "train_step", args.warmup, args.reps, device)
-    t_eval = timed_round_robin(evals, "eval_step", args.warmup, args.reps, device)
+    saved = {}
+    for m in methods:
+        train[m].model.train()
+        saved[m] = saved_tensor_bytes(train[m].loss)
+    if device.type == "cuda":
+        peak = {m: cuda_step_peak_bytes(train[m], device) for m in methods}
+    elif args.no_peak_memory:
+        peak = {m: None for m in methods}
+    else:
+        peak = {m: cpu_step_peak_bytes(f"{m}_{model_arch}", kwargs, hw, batch, args.channels_last) for m in methods}
+    t_train, faults = timed_round_robin(train, "train_step", args.warmup, args.reps, device)
+    t_eval, _ = timed_round_robin(evals, "eval_step", args.warmup, args.reps, device)
 
     med = statistics.median
     rows = []
     for m in list(evals):
         row = {"method": m, "eval_img_s": batch / med(t_eval[m]), "eval_s": t_eval[m]}
         if m in train:
-            row.update(train_img_s=batch / med(t_train[m]), train_s=t_train[m], peak_mb=mem[m] / 2 ** 20,
+            row["finite"] = train[m].finite()
+            row.update(train_img_s=batch / med(t_train[m]), train_s=t_train[m], saved_mb=saved[m] / 2 ** 20,
+                       peak_mb=None if peak[m] is None else peak[m] / 2 ** 20,
                        gflop_step=flops[m] / 1e9, gflop_s=flops[m] / med(t_train[m]) / 1e9)
-            row["pct_peak"] = 100 * row["gflop_s"] / peak
+            row["pct_peak"] = 100 * row["gflop_s"] / matmul_gflop_s
         rows.append(row)
     by = {r["method"]: r for r in rows}
     for r in rows:
@@ -246,9 +349,11 @@ def bench_config(arch: str, spec, methods: List[str], args, device: torch.device
                 if "train_img_s" in r:
                     r[f"train_x_{ref}"] = paired_ratio(t_train[ref], t_train[r["method"]])
                     r[f"train_x_{ref}_quartiles"] = ratio_spread(t_train[ref], t_train[r["method"]])
-                    r[f"mem_x_{ref}"] = r["peak_mb"] / by[ref]["peak_mb"]
+                    for mem in ("saved_mb", "peak_mb"):
+                        if r[mem] is not None and by[ref][mem]:
+                            r[f"{mem}_x_{ref}"] = r[mem] / by[ref][mem]
     title = f"{arch}: {model_arch} {kwargs}, {hw}x{hw}, batch {batch}"
-    out = {"arch": arch, "title": title, "batch": batch, "hw": hw, "rows": rows}
+    out = {"arch": arch, "title": title, "batch": batch, "hw": hw, "rows": rows, "faults_per_train_step": faults}
     if "nf" in models:
         ws_s, n = standardization_seconds(models["nf"], args.reps, device)
         out["nf_ws"] = {"seconds": ws_s, "weights": n, "share_of_nf_step": ws_s / med(t_train["nf"])}
@@ -259,24 +364,56 @@ def fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def print_table(result: dict, memory_label: str) -> None:
+COLUMNS = [  # (header, row key, format)
+    ("train img/s", "train_img_s", ".1f"), ("x bn", "train_x_bn", ".2f"), ("x none", "train_x_none", ".2f"),
+    ("eval img/s", "eval_img_s", ".1f"), ("x bn", "eval_x_bn", ".2f"), ("x none", "eval_x_none", ".2f"),
+    ("peak MB", "peak_mb", ".1f"), ("x bn", "peak_mb_x_bn", ".2f"),
+    ("saved MB", "saved_mb", ".1f"), ("x bn", "saved_mb_x_bn", ".2f"),
+    ("GFLOP/step", "gflop_step", ".1f"), ("GFLOP/s", "gflop_s", ".1f"), ("% peak", "pct_peak", ".1f"),
+]
+
+
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    """A markdown table with columns padded to their widest cell."""
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) if i else c.ljust(w)
+                                            for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def print_table(result: dict) -> None:
     print(f"\n## {result['title']}")
-    head = (f"| {'method':9s} | train img/s | x bn  | x none | eval img/s | x bn  | x none | "
-            f"{memory_label} | x bn  | GFLOP/step | GFLOP/s | % peak |")
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for r in result["rows"]:
-        g = r.get
-        print(f"| {r['method']:9s} | {fmt(g('train_img_s'), '11.1f')} | {fmt(g('train_x_bn'), '5.2f')} | "
-              f"{fmt(g('train_x_none'), '6.2f')} | {fmt(g('eval_img_s'), '10.1f')} | {fmt(g('eval_x_bn'), '5.2f')} | "
-              f"{fmt(g('eval_x_none'), '6.2f')} | {fmt(g('peak_mb'), f'{len(memory_label)}.1f')} | "
-              f"{fmt(g('mem_x_bn'), '5.2f')} | {fmt(g('gflop_step'), '10.1f')} | {fmt(g('gflop_s'), '7.1f')} | "
-              f"{fmt(g('pct_peak'), '6.1f')} |")
+    header = ["method"] + [c[0] for c in COLUMNS]
+    rows = [[r["method"]] + [fmt(r.get(key), spec) for _, key, spec in COLUMNS] for r in result["rows"]]
+    print(markdown_table(header, rows))
     ws = result.get("nf_ws")
     if ws:
         print(f"\nnf: weight standardization (forward + backward over {ws['weights'] / 1e6:.1f}M weights, "
               f"timed alone) {1e3 * ws['seconds']:.1f} ms = {100 * ws['share_of_nf_step']:.1f}% of nf's "
               f"training step; a fixed cost per step, whatever the batch size")
+    print(f"page faults per training step: {result['faults_per_train_step']:.0f}")
+    bad = [r["method"] for r in result["rows"] if r.get("finite") is False]
+    if bad:
+        print(f"WARNING: non-finite loss or parameters in {', '.join(bad)}: their timings measure NaN/Inf "
+              f"arithmetic, which some kernels run at a different speed")
+
+
+def print_batch_summary(results: List[dict]) -> None:
+    """Training-throughput ratios of every method against the batch size, per architecture."""
+    methods = [r["method"] for r in results[0]["rows"] if "train_x_bn" in r or "train_x_none" in r]
+    present = lambda ref: all(ref in {r["method"] for r in res["rows"]} for res in results)
+    header = ["arch", "batch"] + [f"{m} x {ref}" for m in methods for ref in ("bn", "none")
+                                  if m not in (ref, "none" if ref == "bn" else "") and present(ref)]
+    rows = []
+    for res in results:
+        by = {r["method"]: r for r in res["rows"]}
+        cells = [res["arch"], str(res["batch"])]
+        for h in header[2:]:
+            m, ref = h.split(" x ")
+            cells.append(fmt(by[m].get(f"train_x_{ref}"), ".2f"))
+        rows.append(cells)
+    print("\n## training throughput ratios against the batch size (same run)")
+    print(markdown_table(header, rows))
 
 
 def checks(result: dict) -> List[str]:
@@ -285,7 +422,7 @@ def checks(result: dict) -> List[str]:
     out = []
 
     def check(cond: bool, text: str) -> None:
-        out.append(f"{'PASS' if cond else 'FAIL'}  {result['arch']}: {text}")
+        out.append(f"{'PASS' if cond else 'FAIL'}  {result['arch']} batch {result['batch']}: {text}")
 
     def spread(m: str, ref: str) -> str:
         lo, hi = by[m][f"train_x_{ref}_quartiles"]
@@ -301,9 +438,13 @@ def checks(result: dict) -> List[str]:
             check(v >= 0.97, f"{m} train throughput {v:.3f}x none (goal within 3%{spread(m, 'none')})")
     if "bn" in by:
         for m, r in by.items():
-            if m not in ("bn", "relubn") and "peak_mb" in r and m not in ("gn", "ln", "in"):
-                check(r["mem_x_bn"] < 1.0, f"{m} memory {r['mem_x_bn']:.2f}x bn (goal < 1)")
-            if m not in ("bn", "relubn", "gn", "ln", "in") and "train_x_bn" in r and r["train_x_bn"] < 1.0:
+            if m in ("bn", "relubn", "gn", "ln", "in", FOLD_ROW):
+                continue
+            for key, what in (("peak_mb", "peak memory of a training step"), ("saved_mb", "memory saved for backward")):
+                if r.get(f"{key}_x_bn") is not None:
+                    v = r[f"{key}_x_bn"]
+                    check(v < 1.0, f"{m} {what} {v:.2f}x bn (goal < 1)")
+            if "train_x_bn" in r and r["train_x_bn"] < 1.0:
                 check(False, f"{m} trains slower than bn ({r['train_x_bn']:.2f}x): a defect")
     if "nf" in by and FOLD_ROW in by:
         v = paired_ratio(by[FOLD_ROW]["eval_s"], by["nf"]["eval_s"])
@@ -321,16 +462,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--reps", type=int, default=9, help="timed steps per method (default 9)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first (default 2)")
-    p.add_argument("--batch", type=int, default=None, help="override the batch size of every architecture")
+    p.add_argument("--batch", default=None,
+                   help="batch size(s) for every architecture instead of its default, e.g. 16 or 8,16,32,64 "
+                        "(several: one table each and a summary of the ratios against the batch size)")
+    p.add_argument("--no-peak-memory", action="store_true",
+                   help="CPU: skip the peak-memory probes (one fresh process per method and batch)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 1 rep: a smoke test of the script")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--keep-denormals", action="store_true",
-                   help="do not flush denormal floats to zero (see Denormals in the module docstring)")
     args = p.parse_args(argv)
-    if not args.keep_denormals:
-        # before any parallel op: torch's worker threads inherit the setting when created
-        torch.set_flush_denormal(True)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -345,13 +485,22 @@ def main(argv=None) -> int:
         args.reps, args.warmup = min(args.reps, 1), min(args.warmup, 1)
     if args.reps < 1 or args.warmup < 0:
         p.error("--reps must be >= 1 and --warmup >= 0")
+    batches = [None]
+    if args.batch is not None:
+        try:
+            batches = [int(b) for b in str(args.batch).split(",")]
+        except ValueError:
+            batches = [0]
+        if not batches or min(batches) < 1:
+            p.error(f"--batch must be positive integers separated by commas, got {args.batch!r}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda requested but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    peak = matmul_peak(device, 512 if args.quick else (8192 if device.type == "cuda" else 2048))
+    mm_sizes = (256, 512) if args.quick else ((4096, 8192) if device.type == "cuda" else (1024, 2048, 4096))
+    peak = matmul_peak(device, mm_sizes)
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -363,14 +512,18 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores")
     print(f"# float32 matmul peak: {peak:.1f} GFLOP/s; {args.warmup} warm-up + {args.reps} timed steps "
           f"per method, round-robin, medians")
-    memory_label = "peak MB" if device.type == "cuda" else "saved MB"
     results, all_checks = [], []
     for a in archs:
-        res = bench_config(a, configs[a], methods, args, device, peak)
-        print_table(res, memory_label)
-        results.append(res)
-        all_checks += checks(res)
-    peak_end = matmul_peak(device, 512 if args.quick else (8192 if device.type == "cuda" else 2048))
+        for b in batches:
+            spec = configs[a] if b is None else configs[a][:3] + (b,)
+            res = bench_config(a, spec, methods, args, device, peak)
+            print_table(res)
+            results.append(res)
+            all_checks += checks(res)
+    if len(batches) > 1:
+        for a in archs:
+            print_batch_summary([r for r in results if r["arch"] == a])
+    peak_end = matmul_peak(device, mm_sizes)
     print(f"\n# float32 matmul peak measured again at the end: {peak_end:.1f} GFLOP/s "
           f"(% peak above uses the first, {peak:.1f}; a large change means the machine was busy)")
     if all_checks:
@@ -379,8 +532,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(device), "device_name": dev, "threads": torch.get_num_threads(),
-                       "matmul_peak_gflop_s": peak, "memory": memory_label, "results": results,
-                       "checks": all_checks}, fh, indent=1)
+                       "matmul_peak_gflop_s": peak, "matmul_peak_end_gflop_s": peak_end,
+                       "results": results, "checks": all_checks}, fh, indent=1)
     return 0
 
 
