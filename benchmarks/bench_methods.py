@@ -28,7 +28,8 @@ and optimizer hold before it: on CUDA ``torch.cuda.max_memory_allocated``
 during a step minus what was allocated before it; on CPU (Linux) the growth
 of the peak resident set (VmHWM, reset through /proc/self/clear_refs) during
 one step, measured in a fresh process per method so that no other model or
-allocator state counts (``--no-peak-memory`` skips these probes). "saved MB"
+allocator state counts, with the C library's default allocator settings
+(``--no-peak-memory`` skips these probes). "saved MB"
 is the bytes of the distinct tensors autograd saves for the backward pass
 (activations plus weights; via ``torch.autograd.graph.saved_tensors_hooks``):
 the part of the peak that a normalization layer adds to, exact and free of
@@ -45,6 +46,12 @@ the unnormalized ResNet-50 was NaN from its third step on and Fixup's
 zero-initialized layers produced denormals that slowed its step ~3x (both
 measured with an earlier version of this script).
 Rows whose loss or parameters are not finite are flagged under the table.
+Allocator: like the ``normfree`` command, the script first makes glibc keep
+freed memory for reuse (:mod:`normfree.allocator`); with the default settings
+large activation blocks are returned to the kernel after every step and page
+faults took ~30% of a ResNet-50 batch-64 step on the development VM and made
+it noisy. ``--system-malloc`` measures with the default settings; every
+method runs in the same process, so all get the same allocator either way.
 """
 from __future__ import annotations
 
@@ -66,6 +73,7 @@ from torch.utils.flop_counter import FlopCounterMode
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 sys.path.insert(0, SRC)
 import normfree  # noqa: E402
+from normfree.allocator import retain_freed_memory  # noqa: E402
 from normfree.fold import fold_model  # noqa: E402
 
 DEFAULT_METHODS = "bn,none,skipinit,fixup,nf,nf_he,rescale"
@@ -246,8 +254,10 @@ def cpu_step_peak_bytes(name: str, kwargs: dict, hw: int, batch: int, channels_l
     """Peak RSS growth of one training step (forward, backward, SGD step) of
     ``name``, run in a fresh Python process so that no other model's memory or
     allocator state counts, after a batch-2 step has done the one-time set-up
-    and created the momentum buffers. None where /proc/self/clear_refs is not
-    available (not Linux)."""
+    and created the momentum buffers. The probe keeps the C library's default
+    allocator settings: with freed memory retained the heap can fragment, and
+    its peak would measure the allocator as much as the method. None where
+    /proc/self/clear_refs is not available (not Linux)."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     spec = dict(src=SRC, name=name, kwargs=kwargs, hw=hw, batch=batch, channels_last=channels_last,
@@ -465,6 +475,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default=None,
                    help="batch size(s) for every architecture instead of its default, e.g. 16 or 8,16,32,64 "
                         "(several: one table each and a summary of the ratios against the batch size)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default allocator settings (default: freed memory is kept for reuse, "
+                        "see Allocator in the module docstring)")
     p.add_argument("--no-peak-memory", action="store_true",
                    help="CPU: skip the peak-memory probes (one fresh process per method and batch)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
@@ -499,6 +512,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    retained = not args.system_malloc and device.type == "cpu" and retain_freed_memory()
+    allocator = "freed memory retained (mallopt)" if retained else "C library default"
     mm_sizes = (256, 512) if args.quick else ((4096, 8192) if device.type == "cuda" else (1024, 2048, 4096))
     peak = matmul_peak(device, mm_sizes)
     cpu = platform.processor() or platform.machine()
@@ -509,7 +524,7 @@ def main(argv=None) -> int:
         pass
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(f"# normfree benchmark: torch {torch.__version__}, device {device} ({dev}), "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores")
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores; allocator: {allocator}")
     print(f"# float32 matmul peak: {peak:.1f} GFLOP/s; {args.warmup} warm-up + {args.reps} timed steps "
           f"per method, round-robin, medians")
     results, all_checks = [], []
@@ -532,7 +547,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(device), "device_name": dev, "threads": torch.get_num_threads(),
-                       "matmul_peak_gflop_s": peak, "matmul_peak_end_gflop_s": peak_end,
+                       "allocator": allocator, "matmul_peak_gflop_s": peak, "matmul_peak_end_gflop_s": peak_end,
                        "results": results, "checks": all_checks}, fh, indent=1)
     return 0
 

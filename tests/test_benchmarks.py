@@ -19,7 +19,7 @@ def test_bench_methods_quick_prints_table_ratios_ws_share_and_goal_lines(tmp_pat
     bench = load_bench()
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--archs", "wrn", "--methods", "bn,none,fixup,nf", "--threads", "1",
-                       "--json", str(out)]) == 0
+                       "--system-malloc", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     result = json.loads(out.read_text())
     (arch,) = result["results"]
@@ -36,6 +36,7 @@ def test_bench_methods_quick_prints_table_ratios_ws_share_and_goal_lines(tmp_pat
     ws = arch["nf_ws"]
     assert ws["weights"] > 0 and 0 < ws["share_of_nf_step"]
     assert "nf: weight standardization" in text and "page faults per training step" in text
+    assert result["allocator"] == "C library default"
     assert any(c.startswith(("PASS", "FAIL")) and "nf train throughput" in c for c in result["checks"])
     assert any("peak memory of a training step" in c for c in result["checks"])
     # lr 0 keeps every model at its initialization: all timed on finite numbers, and no warning
@@ -63,7 +64,7 @@ def test_runner_flags_non_finite_models():
 def test_bench_methods_batch_list_gives_one_table_per_batch_and_a_summary(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--archs", "wrn", "--methods", "bn,none,nf", "--threads", "1",
+    assert bench.main(["--quick", "--archs", "wrn", "--methods", "bn,none,nf", "--threads", "1", "--system-malloc",
                        "--batch", "2,4", "--no-peak-memory", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     result = json.loads(out.read_text())
