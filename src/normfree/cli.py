@@ -182,7 +182,56 @@ def add_study(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [add_models, add_train, add_data, add_spp, add_study]
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a trained model as plain convolutions (a torch.export program)",
+        description="Load a checkpoint written by `normfree train` (weights_only), fold every scalar of a "
+                    "BN-free model (NF / SkipInit / Fixup / RescaleNet) into plain convolutions, check that "
+                    "the result computes the same outputs, and write it as a torch.export program that runs "
+                    "without normfree: torch.export.load(OUT).module()(x). x is normalized like the training "
+                    "data: (pixels / 255 - mean) / std, with mean, std, input shape and classes written to "
+                    "OUT with the suffix .json.")
+    p.add_argument("checkpoint", help="checkpoint.pt, or the run directory (--out of normfree train) holding it")
+    p.add_argument("--out", default=None, help="output file (default: model.pt2 beside the checkpoint)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="input height and width (default: the training data's, stored in the checkpoint)")
+    p.add_argument("--no-fold", action="store_true", help="export the model as it is, without folding")
+
+    def run(args) -> int:
+        import json
+
+        import torch
+
+        from .fold import export_model
+        from .train import load_checkpoint, model_from_checkpoint
+
+        ckpt = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(ckpt)
+        info = dict(ckpt["input"] or {})
+        if args.size:
+            if min(args.size) < 1:
+                raise ValueError(f"--size must be positive, got {args.size}")
+            info["shape"] = [model.in_chans] + list(args.size)
+        if "shape" not in info:
+            raise ValueError("this checkpoint does not record its input size: give --size H W")
+        run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
+        out = args.out or os.path.join(run_dir, "model.pt2")
+        example = torch.randn(2, *info["shape"], generator=torch.Generator().manual_seed(0))
+        result = export_model(model, example, out, fold=not args.no_fold)
+        meta = {"model": ckpt["config"]["model"], "step": ckpt["step"], "folded": result["folded"],
+                "max_abs_diff": result["max_abs_diff"], "input": info}
+        stem = out[:-4] if out.endswith(".pt2") else out
+        with open(stem + ".json", "w") as fh:
+            json.dump(meta, fh, indent=2)
+        what = "folded into plain convolutions" if result["folded"] else "not folded"
+        print(f"wrote {out} ({ckpt['config']['model']}, step {ckpt['step']}, {what}; max |difference| to "
+              f"the checkpoint's model {result['max_abs_diff']:.2e}) and {stem}.json")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [add_models, add_train, add_data, add_spp, add_study, add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,11 +15,16 @@ gamma (into the classifier). Left as they are: Fixup's scalar biases *before*
 convolutions (``conv(x + b)`` is not ``conv(x) + const`` at zero-padded
 borders), RescaleNet's a_l on the skip path (one fused add already), and
 stochastic depth. Models with normalization layers are refused.
+
+:func:`export_model` writes a model (folded when it is BN-free) as a
+``torch.export`` program that runs without normfree (``normfree export`` on
+the command line).
 """
 from __future__ import annotations
 
 import copy
-from typing import Optional
+import os
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -90,3 +95,42 @@ def fold_model(model: nn.Module) -> nn.Module:
             fc.weight.mul_(head)
             folded.head_scale = None
     return folded
+
+
+def export_model(model: nn.Module, example: torch.Tensor, path: str, *, fold: bool = True,
+                 rtol: float = 1e-4, atol: float = 1e-5) -> Dict[str, Any]:
+    """Save ``model`` as a ``torch.export`` program with a dynamic batch
+    dimension (``torch.export.load(path).module()(x)`` runs it, without normfree).
+
+    A BN-free model is first folded by :func:`fold_model` (plain convolutions,
+    no scalars left) unless ``fold=False``; a model with normalization layers
+    is exported as it is. Both are exported in eval mode. Before anything is
+    written the exported program is run on ``example`` (N >= 2 samples) and
+    compared with ``model``: ValueError if any output differs by more than
+    ``atol + rtol * |reference|``. The file is written atomically. Returns
+    ``{"path", "folded", "max_abs_diff"}``.
+    """
+    if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 2:
+        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+        raise ValueError(f"example must be a batch of at least 2 inputs (the batch size stays dynamic), got {shape}")
+    was_training = model.training
+    model.eval()
+    try:
+        foldable = fold and not any(isinstance(m, _NORMS) for m in model.modules())
+        target = fold_model(model) if foldable else copy.deepcopy(model)
+        target.eval()
+        batch = torch.export.Dim("batch", min=2)
+        program = torch.export.export(target, (example,), dynamic_shapes=({0: batch},))
+        with torch.no_grad():
+            want = model(example)
+            got = program.module()(example)
+    finally:
+        model.train(was_training)
+    diff = float((got - want).abs().max())
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        raise ValueError(f"the exported program's outputs differ from the model's by up to {diff:.3g} "
+                         f"(allowed: atol {atol:g} + rtol {rtol:g} x |output|); nothing written")
+    tmp = path + ".tmp"
+    torch.export.save(program, tmp)
+    os.replace(tmp, path)
+    return {"path": path, "folded": foldable, "max_abs_diff": diff}

@@ -405,12 +405,49 @@ def _atomic_write_text(text: str, path: str) -> None:
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     """Load a checkpoint written by :func:`train` (``weights_only=True``); its
-    ``config`` and ``history`` entries are decoded from JSON."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    ckpt = dict(ckpt)
-    ckpt["config"] = json.loads(ckpt["config"])
-    ckpt["history"] = json.loads(ckpt["history"])
+    ``config``, ``history`` and ``input`` entries are decoded from JSON
+    (``input`` is None in checkpoints written before it was stored). ``path``
+    may be the run directory holding ``checkpoint.pt``. Raises
+    FileNotFoundError or ValueError (not a readable normfree checkpoint)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r} (give checkpoint.pt or the run directory holding it)")
+    try:
+        ckpt = dict(torch.load(path, map_location=map_location, weights_only=True))
+        ckpt["config"] = json.loads(ckpt["config"])
+        ckpt["history"] = json.loads(ckpt["history"])
+        ckpt["input"] = json.loads(ckpt["input"]) if "input" in ckpt else None
+        if not isinstance(ckpt.get("model"), dict):
+            raise KeyError("model")
+    except Exception as e:  # truncated, corrupt, unsafe or foreign file: one clear error
+        raise ValueError(f"{path!r} is not a readable normfree checkpoint: {type(e).__name__}: {e}") from e
     return ckpt
+
+
+def model_from_checkpoint(ckpt: Dict[str, Any]) -> nn.Module:
+    """The trained model of a checkpoint loaded by :func:`load_checkpoint`:
+    rebuilt from its configuration (model name, depth, width, method options;
+    classes and input channels from the weights' shapes), with its weights,
+    in eval mode."""
+    cfg = ckpt["config"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in known})
+    state = ckpt["model"]
+    try:
+        num_classes, in_chans = state["fc.weight"].shape[0], state["stem.0.weight"].shape[1]
+    except KeyError as e:
+        raise ValueError(f"checkpoint of {config.model!r} has no {e} weight: not a normfree model") from None
+    model = create_model(config.model, depth=config.depth, width=config.width, num_classes=num_classes,
+                         in_chans=in_chans, **config._model_options())
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_model(path: str, map_location="cpu") -> nn.Module:
+    """The trained model saved in a checkpoint written by :func:`train` (or in
+    the run directory holding it), in eval mode; loaded with ``weights_only=True``."""
+    return model_from_checkpoint(load_checkpoint(path, map_location))
 
 
 CSV_FIELDS = ["kind", "step", "epoch", "lr", "loss", "acc", "images_per_sec", "data_time_frac",
@@ -693,8 +730,15 @@ class _Run:
             "rng": rng,
             "config": json.dumps(self.cfg.to_dict()),
             "history": json.dumps(_clean(self.history)),
+            "input": json.dumps(self.input_info()),
         }
         _atomic_save(ckpt, self.ckpt_path)
+
+    def input_info(self) -> Dict[str, Any]:
+        """What the model takes: (C, H, W) and the per-channel normalization of pixels / 255."""
+        c, (h, w) = self.ds.in_chans, self.ds.image_size
+        return {"data": self.ds.name, "shape": [c, h, w], "mean": [float(v) for v in self.ds.mean.reshape(-1)],
+                "std": [float(v) for v in self.ds.std.reshape(-1)], "classes": list(self.ds.classes)}
 
     def _load(self, path: str) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
