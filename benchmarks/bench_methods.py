@@ -75,6 +75,7 @@ sys.path.insert(0, SRC)
 import normfree  # noqa: E402
 from normfree.allocator import retain_freed_memory  # noqa: E402
 from normfree.fold import fold_model  # noqa: E402
+from normfree.train import parse_value  # noqa: E402
 
 DEFAULT_METHODS = "bn,none,skipinit,fixup,nf,nf_he,rescale"
 # name: (model name, create_model kwargs, input size, batch); "quick" sizes for a smoke run
@@ -87,6 +88,20 @@ QUICK = {
     "resnet50": ("resnet50", dict(num_classes=10, width=0.25), 32, 2),
 }
 FOLD_ROW = "nf.fold"
+
+
+def method_of(variant: str) -> str:
+    """'nf:conv_bias=False:alpha=0.5' -> 'nf' (a method, optionally with options, names a row)."""
+    return variant.split(":", 1)[0]
+
+
+def options_of(variant: str) -> dict:
+    """'nf:conv_bias=False:alpha=0.5' -> {'conv_bias': False, 'alpha': 0.5} (create_model options)."""
+    items = variant.split(":")[1:]
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"method options are key=value, got {item!r} in {variant!r}")
+    return {k.strip(): parse_value(v) for k, v in (item.split("=", 1) for item in items)}
 
 
 def minor_faults() -> int:
@@ -317,7 +332,7 @@ def bench_config(arch: str, spec, methods: List[str], args, device: torch.device
         x = x.contiguous(memory_format=torch.channels_last)
     models = {}
     for m in methods:
-        model = normfree.create_model(f"{m}_{model_arch}", **kwargs).to(device)
+        model = normfree.create_model(f"{method_of(m)}_{model_arch}", **kwargs, **options_of(m)).to(device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         models[m] = model
@@ -336,7 +351,8 @@ def bench_config(arch: str, spec, methods: List[str], args, device: torch.device
     elif args.no_peak_memory:
         peak = {m: None for m in methods}
     else:
-        peak = {m: cpu_step_peak_bytes(f"{m}_{model_arch}", kwargs, hw, batch, args.channels_last) for m in methods}
+        peak = {m: cpu_step_peak_bytes(f"{method_of(m)}_{model_arch}", {**kwargs, **options_of(m)}, hw, batch,
+                                       args.channels_last) for m in methods}
     t_train, faults = timed_round_robin(train, "train_step", args.warmup, args.reps, device)
     t_eval, _ = timed_round_robin(evals, "eval_step", args.warmup, args.reps, device)
 
@@ -448,7 +464,7 @@ def checks(result: dict) -> List[str]:
             check(v >= 0.97, f"{m} train throughput {v:.3f}x none (goal within 3%{spread(m, 'none')})")
     if "bn" in by:
         for m, r in by.items():
-            if m in ("bn", "relubn", "gn", "ln", "in", FOLD_ROW):
+            if m == FOLD_ROW or method_of(m) in ("bn", "relubn", "gn", "ln", "in"):
                 continue
             for key, what in (("peak_mb", "peak memory of a training step"), ("saved_mb", "memory saved for backward")):
                 if r.get(f"{key}_x_bn") is not None:
@@ -466,7 +482,8 @@ def checks(result: dict) -> List[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated methods (default {DEFAULT_METHODS}); include bn and none for ratios")
+                   help=f"comma-separated methods (default {DEFAULT_METHODS}); include bn and none for ratios; "
+                        f"a method may carry create_model options, e.g. nf:conv_bias=False or nf:alpha=0.5")
     p.add_argument("--archs", default="wrn,resnet50", help="comma-separated subset of wrn,resnet50")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
@@ -487,8 +504,12 @@ def main(argv=None) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in normfree.SCHEMES:
-            p.error(f"unknown method {m!r}; allowed: {normfree.list_methods()}")
+        if method_of(m) not in normfree.SCHEMES:
+            p.error(f"unknown method {method_of(m)!r}; allowed: {normfree.list_methods()}")
+        try:
+            normfree.make_scheme(method_of(m), **options_of(m))
+        except (ValueError, TypeError) as e:
+            p.error(f"bad method variant {m!r}: {e}")
     configs = QUICK if args.quick else CONFIGS
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     for a in archs:

@@ -64,8 +64,8 @@ def test_runner_flags_non_finite_models():
 def test_bench_methods_batch_list_gives_one_table_per_batch_and_a_summary(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--archs", "wrn", "--methods", "bn,none,nf", "--threads", "1", "--system-malloc",
-                       "--batch", "2,4", "--no-peak-memory", "--json", str(out)]) == 0
+    assert bench.main(["--quick", "--archs", "wrn", "--methods", "bn,none,nf,nf:conv_bias=False", "--threads", "1",
+                       "--system-malloc", "--batch", "2,4", "--no-peak-memory", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert [r["batch"] for r in result["results"]] == [2, 4]
@@ -74,6 +74,10 @@ def test_bench_methods_batch_list_gives_one_table_per_batch_and_a_summary(tmp_pa
     summary = text.split("ratios against the batch size")[1]
     assert "nf x bn" in summary and "nf x none" in summary and "bn x none" in summary
     assert sum(1 for line in summary.splitlines() if line.startswith("| wrn")) == 2
+    rows = {r["method"]: r for r in result["results"][0]["rows"]}
+    assert rows["nf:conv_bias=False"]["train_img_s"] > 0 and "nf:conv_bias=False x none" in summary
+    assert bench.options_of("nf:conv_bias=False:alpha=0.5") == {"conv_bias": False, "alpha": 0.5}
+    assert bench.method_of("nf:conv_bias=False") == "nf" and bench.options_of("nf") == {}
 
 
 def test_step_peak_memory_probe_grows_with_the_batch():
@@ -95,6 +99,12 @@ def test_bench_methods_rejects_unknown_method_arch_and_bad_batch(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--archs", "vgg"])
     assert "unknown arch 'vgg'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "bn,nf:colour=red"])
+    assert "bad method variant 'nf:colour=red'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "nf:alpha"])
+    assert "key=value" in capsys.readouterr().err
     for bad in ("0", "16,x", ""):
         with pytest.raises(SystemExit):
             bench.main(["--batch", bad])

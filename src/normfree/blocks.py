@@ -73,7 +73,7 @@ def make_conv(scheme: Scheme, cin: int, cout: int, kernel: int, stride: int = 1)
     """A conv of the scheme's kind: ScaledStdConv2d ("ws") or He-initialized Conv2d."""
     pad = kernel // 2
     if scheme.conv == "ws":
-        conv = ScaledStdConv2d(cin, cout, kernel, stride=stride, padding=pad, bias=True)
+        conv = ScaledStdConv2d(cin, cout, kernel, stride=stride, padding=pad, bias=scheme.conv_bias)
         nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
         return conv
     conv = Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=scheme.conv_bias)

@@ -36,7 +36,8 @@ class Scheme:
                  scaling L^(-1/(2m-2)), scalar biases and multiplier).
     shortcut:    "conv" (1x1 projection of the pre-activated input) or "pool_pad"
                  (average pool + zero-padded channels, Fixup's CIFAR code).
-    conv_bias:   add biases to the convolutions (regularized SkipInit).
+    conv_bias:   add biases to the convolutions (NF's WS convolutions have them, as in
+                 the authors' code; regularized SkipInit adds them).
     dropout:     dropout probability before the classifier.
     drop_path:   stochastic-depth probability of the last block (linear in depth).
     classifier_init: "default", "zero" or "normal_0.01".
@@ -82,7 +83,7 @@ SCHEMES = {
         Scheme("none"),
         Scheme("skipinit", gain_init=0.0, classifier_init="zero"),
         Scheme("fixup", fixup=True, shortcut="pool_pad", classifier_init="zero"),
-        Scheme("nf", conv="ws", nf_alpha=0.2, classifier_init="normal_0.01"),
+        Scheme("nf", conv="ws", nf_alpha=0.2, conv_bias=True, classifier_init="normal_0.01"),
         Scheme("nf_he", conv="plain", nf_alpha=0.2, classifier_init="normal_0.01"),
         Scheme("rescale", rescale=True),
     ]
