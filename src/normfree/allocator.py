@@ -5,9 +5,11 @@ threshold (128 KiB, rising to at most 32 MiB) with ``mmap`` and gives them back
 to the kernel on ``free``; the next training step asks for the same
 activation-sized blocks again and the kernel must fault in and zero every page
 anew. Measured with ``benchmarks/bench_methods.py`` on a 2-core VM:
-ResNet-50 at 128x128, batch 64: ~600,000-860,000 page faults per step and
-15-16 img/s, against ~2,000 faults and 21 img/s with freed memory kept;
-WRN-16-4 at 32x32, batch 128: +13-16% img/s for bn, none and nf alike.
+ResNet-50 at 128x128, batch 64 (``none``): 600,000-860,000 page faults per
+training step and 14.7-16.4 img/s, against 2,000-3,700 faults and 21 img/s
+with freed memory kept; WRN-16-4 at 32x32, batch 128: +10-16% img/s for bn,
+none and nf; ``normfree train`` of WRN-16-4 on CIFAR-10 at batch 128: 80-83
+instead of 74-77 img/s.
 
 :func:`retain_freed_memory` sets glibc's ``mallopt`` so that large blocks come
 from the heap (``M_MMAP_MAX`` = 0) and the heap is never trimmed
