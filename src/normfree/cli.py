@@ -136,7 +136,7 @@ def add_study(sub) -> None:
                     "depth, batch size x learning rate, regularized SkipInit, shallow paths and lesions, AGC) and "
                     "write OUT/report.md and a self-contained OUT/report.html with figures, tables and a claims "
                     "table. Finished runs are kept in OUT/runs/, so an interrupted study restarted with the same "
-                    "--out reuses them. Default: ~6 minutes on 2 idle CPU cores on the built-in digits data.")
+                    "--out reuses them. Default: 3-6 minutes on 2 idle CPU cores on the built-in digits data.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="preset", const="quick",
                       help="the same pipeline at tiny sizes (a minute or two; used by the tests)")
@@ -203,7 +203,7 @@ def add_export(sub) -> None:
         import torch
 
         from .fold import export_model
-        from .train import load_checkpoint, model_from_checkpoint
+        from .train import _atomic_write_text, load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ckpt)
@@ -221,8 +221,7 @@ def add_export(sub) -> None:
         meta = {"model": ckpt["config"]["model"], "step": ckpt["step"], "folded": result["folded"],
                 "max_abs_diff": result["max_abs_diff"], "input": info}
         stem = out[:-4] if out.endswith(".pt2") else out
-        with open(stem + ".json", "w") as fh:
-            json.dump(meta, fh, indent=2)
+        _atomic_write_text(json.dumps(meta, indent=2) + "\n", stem + ".json")
         what = "folded into plain convolutions" if result["folded"] else "not folded"
         print(f"wrote {out} ({ckpt['config']['model']}, step {ckpt['step']}, {what}; max |difference| to "
               f"the checkpoint's model {result['max_abs_diff']:.2e}) and {stem}.json")

@@ -954,7 +954,7 @@ def run_study(preset: str = "default", out: str = "runs/study", *, data: Optiona
     """Run the study and write ``report.md`` / ``report.html`` into ``out``.
 
     Args:
-        preset: "quick" (tests, under a minute), "default" (~6 min on 2 idle CPU cores, built-in digits data)
+        preset: "quick" (tests, under a minute), "default" (3-6 min on 2 idle CPU cores, built-in digits data)
             or "full" (the papers' scale: CIFAR-10, WRN up to depth 1000; meant for a GPU).
         data, data_dir: the data set (default: the preset's) and where its files are.
         experiments: any of ``EXPERIMENTS``.
