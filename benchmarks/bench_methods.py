@@ -56,7 +56,6 @@ method runs in the same process, so all get the same allocator either way.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -74,7 +73,6 @@ from torch.utils.flop_counter import FlopCounterMode
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 sys.path.insert(0, SRC)
 import normfree  # noqa: E402
-from normfree import fused  # noqa: E402
 from normfree.allocator import retain_freed_memory  # noqa: E402
 from normfree.fold import fold_model  # noqa: E402
 from normfree.train import parse_value  # noqa: E402
@@ -97,28 +95,13 @@ def method_of(variant: str) -> str:
     return variant.split(":", 1)[0]
 
 
-def all_options_of(variant: str) -> dict:
-    """'nf:conv_bias=False:fused=False' -> {'conv_bias': False, 'fused': False}."""
+def options_of(variant: str) -> dict:
+    """'nf:conv_bias=False:alpha=0.5' -> {'conv_bias': False, 'alpha': 0.5} (create_model options)."""
     items = variant.split(":")[1:]
     for item in items:
         if "=" not in item:
             raise ValueError(f"method options are key=value, got {item!r} in {variant!r}")
     return {k.strip(): parse_value(v) for k, v in (item.split("=", 1) for item in items)}
-
-
-def options_of(variant: str) -> dict:
-    """The create_model options of a variant: 'nf:alpha=0.5' -> {'alpha': 0.5}."""
-    return {k: v for k, v in all_options_of(variant).items() if k != "fused"}
-
-
-def fused_of(variant: str) -> bool:
-    """False for a variant marked ``fused=False``: its steps run with the torch
-    implementation of weight standardization instead of the fused C kernel
-    (:mod:`normfree.fused`), e.g. ``nf:fused=False`` beside ``nf``."""
-    value = all_options_of(variant).get("fused", True)
-    if not isinstance(value, bool):
-        raise ValueError(f"fused is True or False, got {value!r} in {variant!r}")
-    return value
 
 
 def minor_faults() -> int:
@@ -177,10 +160,8 @@ class Runner:
 
     LR = 0.0
 
-    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool,
-                 fused_ws: bool = True):
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, train: bool):
         self.model, self.x, self.y = model, x, y
-        self.kernels = contextlib.nullcontext if fused_ws else fused.disabled
         self.opt = torch.optim.SGD(model.parameters(), lr=self.LR, momentum=0.9) if train else None
         self.last_loss: Optional[torch.Tensor] = None
 
@@ -189,10 +170,9 @@ class Runner:
 
     def train_step(self) -> None:
         self.model.train()
-        with self.kernels():
-            loss = self.loss()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+        loss = self.loss()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
         self.opt.step()
         self.last_loss = loss.detach()
 
@@ -204,7 +184,7 @@ class Runner:
 
     def eval_step(self) -> None:
         self.model.eval()
-        with torch.inference_mode(), self.kernels():
+        with torch.inference_mode():
             self.model(self.x)
 
 
@@ -255,8 +235,6 @@ import torch, torch.nn.functional as F
 spec = json.loads(sys.argv[1])
 sys.path.insert(0, spec["src"])
 import normfree
-import normfree.fused
-import contextlib
 
 def status_kb(field):
     with open("/proc/self/status") as fh:
@@ -272,10 +250,9 @@ opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # as the timed 
 def step(batch):
     x = torch.randn(batch, 3, spec["hw"], spec["hw"]).contiguous(memory_format=fmt)
     y = torch.randint(0, spec["kwargs"]["num_classes"], (batch,))
-    with contextlib.nullcontext() if spec["fused"] else normfree.fused.disabled():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -288,8 +265,7 @@ print(json.dumps({"peak_bytes": 1024 * (status_kb("VmHWM") - base)}))
 """
 
 
-def cpu_step_peak_bytes(name: str, kwargs: dict, hw: int, batch: int, channels_last: bool,
-                        fused_ws: bool = True) -> Optional[int]:
+def cpu_step_peak_bytes(name: str, kwargs: dict, hw: int, batch: int, channels_last: bool) -> Optional[int]:
     """Peak RSS growth of one training step (forward, backward, SGD step) of
     ``name``, run in a fresh Python process so that no other model's memory or
     allocator state counts, after a batch-2 step has done the one-time set-up
@@ -300,7 +276,7 @@ def cpu_step_peak_bytes(name: str, kwargs: dict, hw: int, batch: int, channels_l
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     spec = dict(src=SRC, name=name, kwargs=kwargs, hw=hw, batch=batch, channels_last=channels_last,
-                threads=torch.get_num_threads(), fused=fused_ws)
+                threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-c", _RSS_PROBE, json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe of {name} failed:\n{proc.stderr[-2000:]}")
@@ -327,27 +303,23 @@ def train_flops(runner: Runner) -> int:
 
 
 def standardization_seconds(model: torch.nn.Module, reps: int, device: torch.device) -> tuple:
-    """({"kernel": s, "torch": s}, weights): median seconds of Scaled WS forward
-    + backward over every ScaledStdConv2d of ``model`` (the weight-sized work an
-    NF training step adds), with the fused kernel where it applies and with
-    torch ops only (:func:`normfree.fused.disabled`), alternating."""
+    """(median seconds, weights) of Scaled WS forward + backward over every
+    ScaledStdConv2d of ``model``, the weight-sized work an NF training step adds."""
     convs = [m for m in model.modules() if isinstance(m, normfree.ScaledStdConv2d)]
     grads = [torch.randn_like(c.weight) for c in convs]
-    times = {"kernel": [], "torch": []}
+    times = []
     for i in range(reps + 1):
-        for impl, ctx in (("kernel", contextlib.nullcontext), ("torch", fused.disabled)):
-            with ctx():
-                sync(device)
-                t = time.perf_counter()
-                for c, g in zip(convs, grads):
-                    w, _ = c.folded_weight_bias(in_scale=1.5, out_scale=0.5)  # as in a block: scales folded
-                    w.backward(g)
-                sync(device)
-            if i:
-                times[impl].append(time.perf_counter() - t)
-            for c in convs:
-                c.weight.grad = c.gain.grad = None
-    return {k: statistics.median(v) for k, v in times.items()}, sum(c.weight.numel() for c in convs)
+        sync(device)
+        t = time.perf_counter()
+        for c, g in zip(convs, grads):
+            w, _ = c.folded_weight_bias(in_scale=1.5, out_scale=0.5)  # as in a block: scales folded
+            w.backward(g)
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t)
+    for c in convs:
+        c.weight.grad = c.gain.grad = None
+    return statistics.median(times), sum(c.weight.numel() for c in convs)
 
 
 def bench_config(arch: str, spec, methods: List[str], args, device: torch.device,
@@ -364,7 +336,7 @@ def bench_config(arch: str, spec, methods: List[str], args, device: torch.device
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         models[m] = model
-    train = {m: Runner(models[m], x, y, True, fused_of(m)) for m in methods}
+    train = {m: Runner(models[m], x, y, True) for m in methods}
     evals = dict(train)
     if "nf" in methods:
         evals[FOLD_ROW] = Runner(fold_model(models["nf"]).eval(), x, y, False)
@@ -380,7 +352,7 @@ def bench_config(arch: str, spec, methods: List[str], args, device: torch.device
         peak = {m: None for m in methods}
     else:
         peak = {m: cpu_step_peak_bytes(f"{method_of(m)}_{model_arch}", {**kwargs, **options_of(m)}, hw, batch,
-                                       args.channels_last, fused_of(m)) for m in methods}
+                                       args.channels_last) for m in methods}
     t_train, faults = timed_round_robin(train, "train_step", args.warmup, args.reps, device)
     t_eval, _ = timed_round_robin(evals, "eval_step", args.warmup, args.reps, device)
 
@@ -410,9 +382,7 @@ def bench_config(arch: str, spec, methods: List[str], args, device: torch.device
     out = {"arch": arch, "title": title, "batch": batch, "hw": hw, "rows": rows, "faults_per_train_step": faults}
     if "nf" in models:
         ws_s, n = standardization_seconds(models["nf"], args.reps, device)
-        out["nf_ws"] = {"seconds": ws_s["kernel"], "torch_ops_seconds": ws_s["torch"], "weights": n,
-                        "share_of_nf_step": ws_s["kernel"] / med(t_train["nf"]),
-                        "kernel": device.type == "cpu" and fused.available()}
+        out["nf_ws"] = {"seconds": ws_s, "weights": n, "share_of_nf_step": ws_s / med(t_train["nf"])}
     return out
 
 
@@ -444,10 +414,8 @@ def print_table(result: dict) -> None:
     print(markdown_table(header, rows))
     ws = result.get("nf_ws")
     if ws:
-        impl = "fused kernel" if ws["kernel"] else "torch ops, no kernel here"
         print(f"\nnf: weight standardization (forward + backward over {ws['weights'] / 1e6:.1f}M weights, "
-              f"timed alone) {1e3 * ws['seconds']:.1f} ms ({impl}; torch ops "
-              f"{1e3 * ws['torch_ops_seconds']:.1f} ms) = {100 * ws['share_of_nf_step']:.1f}% of nf's "
+              f"timed alone) {1e3 * ws['seconds']:.1f} ms = {100 * ws['share_of_nf_step']:.1f}% of nf's "
               f"training step; a fixed cost per step, whatever the batch size")
     print(f"page faults per training step: {result['faults_per_train_step']:.0f}")
     bad = [r["method"] for r in result["rows"] if r.get("finite") is False]
@@ -515,8 +483,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated methods (default {DEFAULT_METHODS}); include bn and none for ratios; "
-                        f"a method may carry create_model options, e.g. nf:conv_bias=False or nf:alpha=0.5, "
-                        f"and fused=False (weight standardization in torch ops, not the fused CPU kernel)")
+                        f"a method may carry create_model options, e.g. nf:conv_bias=False or nf:alpha=0.5")
     p.add_argument("--archs", default="wrn,resnet50", help="comma-separated subset of wrn,resnet50")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
@@ -541,7 +508,6 @@ def main(argv=None) -> int:
             p.error(f"unknown method {method_of(m)!r}; allowed: {normfree.list_methods()}")
         try:
             normfree.make_scheme(method_of(m), **options_of(m))
-            fused_of(m)
         except (ValueError, TypeError) as e:
             p.error(f"bad method variant {m!r}: {e}")
     configs = QUICK if args.quick else CONFIGS
@@ -578,10 +544,8 @@ def main(argv=None) -> int:
     except (OSError, StopIteration):
         pass
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    kernel = "built" if fused.available() else "not built (torch ops)"
     print(f"# normfree benchmark: torch {torch.__version__}, device {device} ({dev}), "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores; allocator: {allocator}; "
-          f"fused weight-standardization kernel (CPU float32): {kernel}")
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores; allocator: {allocator}")
     print(f"# float32 matmul peak: {peak:.1f} GFLOP/s; {args.warmup} warm-up + {args.reps} timed steps "
           f"per method, round-robin, medians")
     results, all_checks = [], []

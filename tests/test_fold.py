@@ -195,6 +195,24 @@ def test_no_grad_cache_is_invalidated_by_optimizer_step_and_load_state_dict(name
                                rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace: still what many users call
+@pytest.mark.parametrize("grad", [False, True])
+def test_traced_graph_computes_the_weight_instead_of_baking_in_the_cache(grad):
+    """A trace taken after the no-grad cache was filled must still record the
+    standardization: updated weights change the traced model's output."""
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        conv(x)  # fills the cache
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(conv, x, check_trace=False)
+    with torch.no_grad():
+        conv.weight.mul_(2.0).add_(0.1)
+        conv.gain.mul_(1.5)
+        torch.testing.assert_close(traced(x), conv(x))
+
+
 def test_cache_with_parameters_created_in_inference_mode():
     with torch.inference_mode():  # inference tensors have no version counter: never cached
         conv = ScaledStdConv2d(3, 4, 3, padding=1)

@@ -19,8 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fused
-
 Scale = Optional[Union[float, torch.Tensor]]
 
 # --------------------------------------------------------------------------
@@ -177,7 +175,9 @@ class Conv2d(nn.Conv2d):
     gain, tensor scales) and on the values of numeric scales: an optimizer step
     or ``load_state_dict`` (in-place updates) bumps ``_version``, ``.to()``
     changes the storage, so the cache is never stale. It holds no autograd
-    graph and is left out of ``state_dict``, pickling and ``deepcopy``.
+    graph and is left out of ``state_dict``, pickling and ``deepcopy``. It is
+    not used while ``torch.jit.trace`` or ``torch.compile`` / ``torch.export``
+    trace: the graph must compute the folded weight, not hold a copy of it.
     """
 
     def effective_weight(self) -> torch.Tensor:
@@ -268,30 +268,13 @@ def _ws_forward(weight, gain, scale, bias, in_const: float, out_const: float, ep
         m = m * scale.reshape(-1, 1)
     if in_const * out_const != 1.0:
         m = m * (in_const * out_const)
-    rows = _rows(weight)
-    if fused.usable(rows, m):
-        out, mu, r, q = fused.ws_forward(rows, m, eps)
-    else:
-        out, mu, r, q = _standardize(rows, eps)
-        out.mul_(r * m)  # the centred copy becomes the result: one weight-sized allocation
+    out, mu, r, q = _standardize(_rows(weight), eps)
+    out.mul_(r * m)  # the centred copy becomes the result: one weight-sized allocation
     if bias is not None and scale is not None:
         bias = bias * scale.reshape(-1)
     if bias is not None and out_const != 1.0:
         bias = bias * out_const
     return _unrows(out, weight), bias, m, mu, r, q
-
-
-def _ws_backward_rows(g, w, mu, r, m, free, need_weight_grad: bool):
-    """Torch version of :func:`normfree.fused.ws_backward` (formulas in
-    :class:`_ScaledStdWeight`): (dL/dW rows or None, dL/dm)."""
-    gsum = g.sum(dim=1, keepdim=True)
-    d = torch.addcmul((g * w).sum(dim=1, keepdim=True), mu, gsum, value=-1.0).mul_(r)
-    if not need_weight_grad:
-        return None, d
-    rm = r * m
-    k = (rm * r * d).mul_(free).neg_()  # coefficient of c (zero where the eps guard holds)
-    c0 = torch.addcmul(k * mu, rm, gsum, value=1.0 / w.shape[1]).neg_()
-    return torch.addcmul(c0, g, rm).addcmul_(w, k), d
 
 
 def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -306,10 +289,9 @@ class _ScaledStdWeight(torch.autograd.Function):
     chain of small autograd ops costs ~0.5 ms per conv in Python overhead).
     On the CPU the weight-sized passes are memory-bound, so both directions
     touch the weight as few times as possible and allocate only their result
-    (a fresh weight-sized buffer costs page faults), nothing weight-sized saved
-    beyond the parameter itself: with torch ops forward 4 reads + 2 writes,
-    backward 6 reads + 2 writes; with the fused kernel (float32 CPU,
-    :mod:`normfree.fused`) 1 read + 1 write and 2 reads + 1 write.
+    (a fresh weight-sized buffer costs page faults): forward 4 reads + 2
+    writes, backward 6 reads + 2 writes, nothing weight-sized saved beyond
+    the parameter itself.
 
     With c = W - mean(W), q = sum(c^2), r = 1/sqrt(max(q, eps)), u = c r the
     standardized weight and g = dL/dW_hat, per output channel:
@@ -337,11 +319,14 @@ class _ScaledStdWeight(torch.autograd.Function):
             fmt = torch.contiguous_format if weight.is_contiguous() else torch.channels_last
             grad = grad.contiguous(memory_format=fmt)
         g = _rows(grad)
-        backward = fused.ws_backward if fused.usable(g, w, m) else _ws_backward_rows
-        grad_w, d = backward(g, w, mu, r, m, free, ctx.needs_input_grad[0])
-        if grad_w is not None:
-            grad_w = _unrows(grad_w, weight)
-        grad_gain = grad_scale = grad_bias = None
+        gsum = g.sum(dim=1, keepdim=True)
+        d = torch.addcmul((g * w).sum(dim=1, keepdim=True), mu, gsum, value=-1.0).mul_(r)  # dL/dm
+        grad_w = grad_gain = grad_scale = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            rm = r * m
+            k = (rm * r * d).mul_(free).neg_()  # coefficient of c (zero where the eps guard holds)
+            c0 = torch.addcmul(k * mu, rm, gsum, value=1.0 / w.shape[1]).neg_()
+            grad_w = _unrows(torch.addcmul(c0, g, rm).addcmul_(w, k), weight)
         const = in_const * out_const
         if ctx.needs_input_grad[1]:
             t = d if scale is None else d * scale.reshape(-1, 1)
