@@ -7,7 +7,6 @@ the full-batch gradient; only the float summation order differs, so the
 weights agree to ~1e-6, not bitwise (hence allclose with a small tolerance).
 """
 import os
-import socket
 import subprocess
 import sys
 
@@ -26,12 +25,6 @@ ARGS = dict(model="nf_wrn", depth=10, width=1, batch_size=32, lr=0.1, steps=6, m
             max_test_examples=64, log_every=3, seed=3, device="cpu")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli_args(cfg: dict):
     out = []
     for k, v in cfg.items():
@@ -43,8 +36,10 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     out = str(tmp_path / "ddp")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "normfree.cli", "train", *cli_args(ARGS),
+    # --standalone: torchrun binds a free port itself (no window in which another
+    # process can take a port picked beforehand)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "normfree.cli", "train", *cli_args(ARGS),
            "--out", out, "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
