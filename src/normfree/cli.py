@@ -203,7 +203,8 @@ def add_export(sub) -> None:
         import torch
 
         from .fold import export_model
-        from .train import _atomic_write_text, load_checkpoint, model_from_checkpoint
+        from .atomic import write_text
+        from .train import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ckpt)
@@ -221,7 +222,7 @@ def add_export(sub) -> None:
         meta = {"model": ckpt["config"]["model"], "step": ckpt["step"], "folded": result["folded"],
                 "max_abs_diff": result["max_abs_diff"], "input": info}
         stem = out[:-4] if out.endswith(".pt2") else out
-        _atomic_write_text(json.dumps(meta, indent=2) + "\n", stem + ".json")
+        write_text(stem + ".json", json.dumps(meta, indent=2) + "\n")
         what = "folded into plain convolutions" if result["folded"] else "not folded"
         print(f"wrote {out} ({ckpt['config']['model']}, step {ckpt['step']}, {what}; max |difference| to "
               f"the checkpoint's model {result['max_abs_diff']:.2e}) and {stem}.json")

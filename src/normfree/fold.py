@@ -23,12 +23,12 @@ the command line).
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_path
 from .blocks import ResidualBlock
 from .layers import Conv2d, Scale
 
@@ -130,7 +130,6 @@ def export_model(model: nn.Module, example: torch.Tensor, path: str, *, fold: bo
     if not torch.allclose(got, want, rtol=rtol, atol=atol):
         raise ValueError(f"the exported program's outputs differ from the model's by up to {diff:.3g} "
                          f"(allowed: atol {atol:g} + rtol {rtol:g} x |output|); nothing written")
-    tmp = path + ".tmp"
-    torch.export.save(program, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.export.save(program, tmp)
     return {"path": path, "folded": foldable, "max_abs_diff": diff}

@@ -40,6 +40,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .atomic import write_text
+
 EXPERIMENTS = ("spp", "depth", "batch", "regularized", "paths", "agc")
 
 
@@ -182,10 +184,7 @@ class RunStore:
             return None
 
     def put(self, key: str, record: dict) -> None:
-        tmp = self.path(key) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1, default=_jsonable)
-        os.replace(tmp, self.path(key))
+        write_text(self.path(key), json.dumps(record, indent=1, default=_jsonable))
 
 
 def _jsonable(v):
@@ -1092,8 +1091,5 @@ def write_report(out: str, sections: Sequence[Section], meta: Dict[str, Any]) ->
     h.append("</body></html>")
     md_path, html_path = os.path.join(out, "report.md"), os.path.join(out, "report.html")
     for path, text in ((md_path, "\n".join(md)), (html_path, "\n".join(h))):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_text(path, text)
     return md_path, html_path

@@ -58,6 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .atomic import atomic_path, write_text
 from .layers import ScalarBias, ScalarGain
 from .models import create_model, parse_model_name
 from .schemes import make_scheme
@@ -388,19 +389,10 @@ def _subset(x, y, n: Optional[int], seed: int):
 
 
 def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
@@ -669,7 +661,7 @@ class _Run:
                     "num_params": self.num_params, "augment": augment, "data_name": dataset.name,
                     "num_classes": num_classes, "in_chans": dataset.in_chans,
                     "torch": torch.__version__, "resumed_at_step": self.step if resumed else None}
-            _atomic_write_text(json.dumps(_clean(info), indent=2) + "\n", os.path.join(cfg.out, "config.json"))
+            write_text(os.path.join(cfg.out, "config.json"), json.dumps(_clean(info), indent=2) + "\n")
 
     # ---- helpers ----
     def _say(self, msg: str) -> None:
@@ -884,7 +876,7 @@ class _Run:
             last_finite_loss=div.last_finite if div else None, num_params=self.num_params,
             history=self.history, model=self.model, config=cfg, out=cfg.out)
         if self.main and cfg.out:
-            _atomic_write_text(json.dumps(result.summary(), indent=2) + "\n", os.path.join(cfg.out, "summary.json"))
+            write_text(os.path.join(cfg.out, "summary.json"), json.dumps(result.summary(), indent=2) + "\n")
         if self.world > 1:
             import torch.distributed as dist
             dist.barrier()
