@@ -26,9 +26,11 @@ huggingface/pytorch-image-models ``timm/models/resnet.py``,
 ``timm/models/resnetv2.py``, ``timm/layers/norm_act.py``):
 
 * torchvision ``BasicBlock`` / ``Bottleneck`` (conv1, bn1, relu, conv2, bn2
-  [, conv3, bn3], downsample; every torchvision release since 0.2 has these);
+  [, conv3, bn3], downsample; the same names in torchvision's early and
+  current, typed, resnet.py);
 * timm ``resnet.BasicBlock`` / ``Bottleneck`` (conv1, bn1, [drop_block], act1,
-  [aa], conv2, bn2, ..., [se], [drop_path], downsample, act2/act3; timm 0.9-1.0);
+  [aa], conv2, bn2, ..., [se], [drop_path], downsample, act2/act3; read from
+  timm 1.0; older releases whose optional children are None also fit);
 * timm ``resnetv2.PreActBottleneck`` / ``PreActBasic`` (norm1, conv1, norm2,
   conv2[, norm3, conv3], drop_path, downsample taking the pre-activated input;
   norm layers with their activation inside, ``BatchNormAct2d`` / ``GroupNormAct``)
