@@ -55,6 +55,10 @@ Departures, on purpose:
   head still sees activated features. ``skipinit`` / ``none`` / ``gn`` keep the
   post-activation form: ``y = act(skip + s f(x))``, which at ``s = 0`` is the
   identity because the input of such a block is itself an activation output.
+* NF's reset after a projection shortcut assumes a convolution of the
+  pre-activated input, as in DeepMind's code; timm's average-pool shortcuts
+  (``avg_down``, the "d" ResNets) lower that variance, so their betas are
+  approximate there (measure with :func:`normfree.measure_signal`).
 * Weights are carried over and not re-initialized: the classifier keeps its
   weights (the registry's SkipInit zero-initializes it, NF draws N(0, 0.01));
   plain convolutions keep their initialization (for ``none``/``skipinit`` the
