@@ -84,10 +84,9 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .converted import BranchGain, ConvertedBlock, GroupNormAct, SkipGain, module_gamma
 from .layers import ScaledStdConv2d
-from .schemes import SCHEMES, make_scheme
+from .schemes import make_scheme
 
-__all__ = ["convert", "STRUCTURES", "Structure", "find_structured_blocks", "converted_blocks",
-           "converted_branch", "converted_branch_scale", "predict_converted_variance"]
+__all__ = ["convert", "STRUCTURES", "Structure", "find_structured_blocks"]
 
 
 # --------------------------------------------------------------------------
@@ -558,70 +557,3 @@ def _keep_final_activation(out: nn.Module, name: str, block: ConvertedBlock) -> 
     else:  # not the last of a Sequential: apply it inside the block, after the addition
         block.add_module("final_act", act)
         block.post = "final_act"
-
-
-# --------------------------------------------------------------------------
-# for normfree.signal: converted blocks, their branches and scales
-# --------------------------------------------------------------------------
-def converted_blocks(model: nn.Module) -> List[nn.Module]:
-    """The outermost ConvertedBlock / SkipGain modules of ``model``, in module order."""
-    found, inside = [], set()
-    for m in model.modules():
-        if id(m) not in inside and isinstance(m, (ConvertedBlock, SkipGain)):
-            found.append(m)
-            inside.update(id(c) for c in m.modules())
-    return found
-
-
-def _branch_gain_of(block: nn.Module) -> Optional[BranchGain]:
-    if isinstance(block, BranchGain):
-        return None
-    gains = [m for m in block.modules() if isinstance(m, BranchGain)]
-    return gains[0] if len(gains) == 1 else None
-
-
-def converted_branch(block: nn.Module) -> Optional[nn.Module]:
-    """The module whose output is f(x) before any gain: ``branch_out`` of a converted
-    block, of a SkipGain, or of the one BranchGain inside a block; else None."""
-    if isinstance(block, (ConvertedBlock, SkipGain)):
-        return block.branch_out
-    g = _branch_gain_of(block)
-    return g.branch_out if g is not None else None
-
-
-def converted_branch_scale(block: nn.Module):
-    """The scalar multiplying f(x) in a converted block (None when there is none or unknown)."""
-    if isinstance(block, (ConvertedBlock, SkipGain)):
-        return block.branch_scale()
-    g = _branch_gain_of(block)
-    return g.branch_scale() if g is not None else None
-
-
-def predict_converted_variance(model: nn.Module, v0: float = 1.0) -> List[float]:
-    """Expected Var(x_l) after every block of a model converted with ``method="nf"``.
-
-    As for the registry's NF models (Brock et al. 2021): with s = alpha * gain,
-    v_l = v_skip + s^2, v_skip = v_{l-1}, or 1 after a projection shortcut of
-    the pre-activated (unit-variance) input. Other methods keep the model's
-    own convolution initialization, so no analytic prediction exists for them.
-    """
-    blocks = converted_blocks(model)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no blocks made by normfree.convert")
-    not_nf = sorted({getattr(b, "method", type(b).__name__) for b in blocks
-                     if not (isinstance(b, ConvertedBlock) and b.method == "nf")})
-    if not_nf:
-        raise ValueError(
-            f"predict_variance has an analytic prediction only for models converted with method='nf', whose "
-            f"Scaled WS convolutions and gammas make every layer's variance known; this model's blocks were "
-            f"converted with {not_nf} and keep their own convolution initialization. Measure it instead: "
-            f"normfree.measure_signal(model, x)")
-    v = float(v0)
-    out = []
-    for b in blocks:
-        s = b.branch_scale()
-        s = float(s.detach()) if isinstance(s, torch.Tensor) else float(s)
-        v_skip = 1.0 if (b.downsample is not None and b.shortcut_preact) else v
-        v = v_skip + s * s
-        out.append(v)
-    return out

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .blocks import PoolPadShortcut, ResidualBlock, unfolded
-from .convert import converted_blocks, converted_branch, converted_branch_scale, predict_converted_variance
+from .converted import converted_blocks, converted_branch, converted_branch_scale, predict_converted_variance
 
 InputLike = Union[torch.Tensor, Sequence[int]]
 
