@@ -234,6 +234,12 @@ def add_export(sub) -> None:
 COMMANDS = [add_models, add_train, add_data, add_spp, add_study, add_export]
 
 
+def _version() -> str:
+    from . import __version__  # the one version: pyproject.toml reads it from normfree/__init__.py
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normfree",
@@ -243,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                "CPU training steps then reuse their activation memory instead of paging it in anew "
                "(ResNet-50 at batch 64: ~30% faster on a 2-core VM). Set NORMFREE_SYSTEM_MALLOC=1 to keep "
                "the C library's default settings.")
+    parser.add_argument("--version", action="version", version=f"normfree {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

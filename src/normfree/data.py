@@ -4,7 +4,8 @@ batching with augmentation done by tensor ops on whole batches.
 Data sets (``load_dataset(name, data_dir, download)``, names in ``DATASETS``):
 
 * ``digits`` (default): scikit-learn's 8x8 handwritten digits (1,797 real
-  images, 10 classes), shipped inside scikit-learn, so it needs no download.
+  images, 10 classes), shipped inside normfree (``normfree/resources/digits.npz``,
+  45 KB; source and license in ``resources/README.md``), so it needs no download.
   Fixed split: a seed-0 permutation, the first 1,437 images train, the last
   360 test. Pixels 0..16 are mapped to uint8 as round(v * 255 / 16).
 * ``mnist`` / ``fashion_mnist``: the original idx files
@@ -33,6 +34,7 @@ from __future__ import annotations
 import difflib
 import gzip
 import hashlib
+import importlib.resources
 import math
 import os
 import pickle
@@ -270,17 +272,19 @@ def load_dataset(name: str = "digits", data_dir: Optional[str] = None, download:
 # digits (built in)
 # --------------------------------------------------------------------------
 def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:
-    """scikit-learn's 8x8 digits (UCI optical digits test set, 1,797 images),
+    """scikit-learn's 8x8 digits (the UCI optical digits test set, 1,797 images,
+    CC BY 4.0), read from the copy shipped in ``normfree/resources/digits.npz``
+    (the same arrays as ``sklearn.datasets.load_digits``, which is not needed),
     split by a seeded permutation into 1,437 train and 360 test images."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    d = sk_digits()
-    x = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
-    y = d.target.astype(np.int64)
+    path = importlib.resources.files("normfree") / "resources" / "digits.npz"
+    with path.open("rb") as fh, np.load(fh) as f:
+        images, target = f["images"], f["target"]
+    x = np.rint(images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    y = target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
     tr, te = order[:-test_size], order[-test_size:]
     return _make("digits", [str(i) for i in range(10)], (x[tr], y[tr]), (x[te], y[te]),
-                 augment=True, flip=False, source="sklearn.datasets.load_digits")
+                 augment=True, flip=False, source="normfree/resources/digits.npz (sklearn.datasets.load_digits)")
 
 
 # --------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Variances are population variances (divide by the count) over batch and
 spatial positions, per channel, then averaged over channels.
 
 How blocks are found (``blocks=None``): every :class:`normfree.blocks.ResidualBlock`
-of the model; otherwise torchvision/timm-style blocks, i.e. the outermost
+of the model; otherwise the blocks made by :func:`normfree.convert` (``ConvertedBlock``,
+``SkipGain``; their branch is their ``branch_out``); otherwise torchvision/timm-style blocks, i.e. the outermost
 modules that have ``conv1`` and ``conv2`` children and a ``bn2`` or ``bn3``
 child. The residual branch f(x) of a block is: for ``ResidualBlock`` the output
 of its last convolution (the scalar gains are divided out, or the model is
@@ -71,6 +72,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .blocks import PoolPadShortcut, ResidualBlock, unfolded
+from .converted import converted_blocks, converted_branch, converted_branch_scale, predict_converted_variance
 
 InputLike = Union[torch.Tensor, Sequence[int]]
 
@@ -229,6 +231,9 @@ def find_blocks(model: nn.Module) -> List[nn.Module]:
     ours = [m for m in model.modules() if isinstance(m, ResidualBlock)]
     if ours:
         return ours
+    converted = converted_blocks(model)
+    if converted:
+        return converted
     found: List[nn.Module] = []
     inside: set = set()
     for m in model.modules():
@@ -243,6 +248,9 @@ def find_blocks(model: nn.Module) -> List[nn.Module]:
 def _default_branch(block: nn.Module) -> Optional[nn.Module]:
     if isinstance(block, ResidualBlock):
         return block.branch_out
+    converted = converted_branch(block)
+    if converted is not None:
+        return converted
     se = getattr(block, "se", None)
     if isinstance(se, nn.Module) and not isinstance(se, nn.Identity):
         return se
@@ -570,7 +578,7 @@ def measure_signal(model: nn.Module, x: InputLike, blocks: Optional[Sequence[nn.
                              f"forward: pass blocks that the forward pass uses")
         mean_sq, var = out_m[i].result()
         res_var = res_mean_sq = skip_var = ratio = None
-        s = scales.get(b) if isinstance(b, ResidualBlock) else None
+        s = scales.get(b) if isinstance(b, ResidualBlock) else _as_float(converted_branch_scale(b))
         s = 1.0 if s is None else s
         if b in probe and not res_m[i].empty:
             res_mean_sq, res_var = res_m[i].result(scale=probe[b][1], shift=probe[b][2])
@@ -665,8 +673,10 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
     """Expected Var(x_l) after every block of a normfree model at initialization.
 
     ``model`` is a normfree ``ResNet`` (or a model name, built with
-    ``create_model(name, **create_kwargs)``); ``v0`` is the variance of the
-    first block's input (1 for NF, whose stem preserves unit variance).
+    ``create_model(name, **create_kwargs)``), or a model converted with
+    ``normfree.convert(..., method="nf")`` (the NF rule below); ``v0`` is the
+    variance of the first block's input (1 for NF, whose stem preserves unit
+    variance). Any other model raises a ValueError saying so.
     Per block, with s the branch scalar (alpha, gain, b_l; 1 if none), a the
     skip scalar (RescaleNet a_l; 1 if none) and v_skip the skip-path variance:
 
@@ -700,9 +710,12 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
         from .models import create_model  # only for names; signal.py otherwise needs only blocks
         model = create_model(model, **create_kwargs)
     blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    if not blocks and converted_blocks(model):
+        return predict_converted_variance(model, v0)
     if not blocks:
-        raise ValueError(f"predict_variance needs a normfree model (with ResidualBlock blocks); "
-                         f"{type(model).__name__} has none")
+        raise ValueError(f"predict_variance needs a normfree model (with ResidualBlock blocks) or a model converted "
+                         f"with normfree.convert(model, method='nf'); {type(model).__name__} is neither, so there is "
+                         f"no analytic prediction for it. Measure it with normfree.measure_signal(model, x)")
     scheme = getattr(model, "scheme", None)
     v = float(v0)
     out = []
