@@ -236,7 +236,9 @@ def test_cli_train_and_exit_codes(tmp_path, capsys):
     assert "status ok" in capsys.readouterr().out
     cfg = json.load(open(os.path.join(out, "config.json")))["config"]
     assert cfg["model_options"] == {"drop_path": 0.1} and cfg["steps"] == 3
-    assert main(["train", "--steps", "6", "--out", out, "--resume", "--no-progress"]) == 0  # extends the run
+    assert main(["train", "--steps", "6", "--out", out, "--resume", "--no-progress"]) == 2  # schedule would change
+    assert "--reschedule" in capsys.readouterr().err
+    assert main(["train", "--steps", "6", "--out", out, "--resume", "--reschedule", "--no-progress"]) == 0
     assert json.load(open(os.path.join(out, "config.json")))["config"]["model_options"] == {"drop_path": 0.1}
     assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 6
     assert main(common + ["--steps", "3", "--out", out]) == 2                     # would overwrite
