@@ -104,6 +104,8 @@ def prepare_output(path: str) -> str:
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name inside it", path)
     folder = os.path.dirname(path) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
     os.makedirs(folder, exist_ok=True)
     check_writable(folder)
     return path
@@ -359,7 +361,7 @@ def unfinished_run_note(ckpt) -> Optional[str]:
         status = None
     if status == "diverged":
         return (f"the run in {where} diverged; this is its last good checkpoint (step {step} of {total})")
-    if isinstance(step, int) and isinstance(total, int) and step < total:
+    if isinstance(step, int) and isinstance(total, int) and 0 <= step < total:
         why = "it was stopped early" if status == "stopped" else "it was interrupted or is still running"
         return f"the run in {where} did not finish: the checkpoint is from step {step} of {total} ({why})"
     if status is None:

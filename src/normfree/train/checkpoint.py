@@ -17,6 +17,7 @@ before anything large is allocated.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_path
+from ..atomic import write_bytes
 from ..models import create_model, make_arch, parse_model_name
 from .config import FIXUP_SCALAR_LR_MULT, RESUMABLE_CHANGES, TrainConfig
 from .feed import describe_fingerprint
@@ -37,9 +38,15 @@ CHECKPOINT_FORMAT = 2  # 2: + data fingerprint and schedule
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     """``torch.save`` ``state`` to ``path`` atomically (unique temporary file,
-    fsync, rename): a failed write (disk full) keeps the previous checkpoint."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
+    fsync, rename): a failed write (disk full) keeps the previous checkpoint.
+
+    The state is serialized in memory first and then written with plain file
+    writes: torch's zip writer turns a failing write into an unspecific
+    RuntimeError ("unexpected pos"), a plain write gives the OSError (ENOSPC,
+    EFBIG, EIO ...) that says what happened."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def _load_failure(e: BaseException) -> str:
@@ -59,6 +66,12 @@ def _load_failure(e: BaseException) -> str:
     skip = ("weights_only", "PyTorch", "Please file", "Check the documentation", "trusted source")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not any(s in ln for s in skip)]
     return "; ".join(lines)[:300] or type(e).__name__
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (torch's load_state_dict errors span several)."""
+    text = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _corrupt(path: str, why: str) -> ValueError:
@@ -93,7 +106,7 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     except Exception as e:  # truncated, corrupt, unsafe or foreign file: one clear line
         raise ValueError(f"cannot read {path}: {_load_failure(e)}") from None
     if not isinstance(raw, dict) or "model" not in raw or "config" not in raw:
-        what = type(raw).__name__ if not isinstance(raw, dict) else f"a dict with keys {sorted(map(str, raw))[:8]}"
+        what = f"a {type(raw).__name__}" if not isinstance(raw, dict) else f"a dict with keys {sorted(map(str, raw))[:8]}"
         raise ValueError(f"cannot read {path}: not a normfree checkpoint (it holds {what})")
     ckpt = dict(raw)
     try:
@@ -160,8 +173,7 @@ def model_from_checkpoint(ckpt: Dict[str, Any]) -> nn.Module:
                              in_chans=in_chans, **config._model_options())
         model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _corrupt(path, f"its weights do not fit its configuration ({first[:300]})") from None
+        raise _corrupt(path, f"its weights do not fit its configuration ({one_line(e)})") from None
     return model.eval()
 
 
@@ -194,12 +206,10 @@ def check_state(ckpt: Dict[str, Any]) -> None:
          and ckpt["rng"]["torch"].dtype == torch.uint8, "its RNG state is missing or not a byte tensor")
 
 
-def check_resumable(ckpt: Dict[str, Any], cfg: TrainConfig, steps_per_epoch: int, fingerprint: Dict[str, Any],
-                    schedule: Dict[str, Any]) -> Optional[str]:
-    """Refuse (ValueError naming every difference) to continue ``ckpt`` with a
-    run that would not follow it: another configuration, other data, another
-    number of steps per epoch, or another learning-rate schedule (allowed with
-    ``cfg.reschedule``). Returns a note to show (or None)."""
+def check_same_config(ckpt: Dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse (ValueError naming every difference) to continue ``ckpt`` with
+    another configuration (fields outside ``RESUMABLE_CHANGES``; the scalar
+    learning-rate multiplier compared as in effect)."""
     path = ckpt.get("path", "?")
     old, new = ckpt["config"], cfg.to_dict()
     diff = {k: (old.get(k), new[k]) for k in new
@@ -210,6 +220,16 @@ def check_resumable(ckpt: Dict[str, Any], cfg: TrainConfig, steps_per_epoch: int
     if diff:
         items = ", ".join(f"{k}={a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in diff.items())
         raise ValueError(f"cannot resume {path}: the configuration differs: {items}")
+
+
+def check_resumable(ckpt: Dict[str, Any], cfg: TrainConfig, steps_per_epoch: int, fingerprint: Dict[str, Any],
+                    schedule: Dict[str, Any]) -> Optional[str]:
+    """Refuse (ValueError naming every difference) to continue ``ckpt`` with a
+    run that would not follow it: another configuration, other data, another
+    number of steps per epoch, or another learning-rate schedule (allowed with
+    ``cfg.reschedule``). Returns a note to show (or None)."""
+    path = ckpt.get("path", "?")
+    check_same_config(ckpt, cfg)
     if ckpt.get("steps_per_epoch") != steps_per_epoch:
         raise ValueError(f"cannot resume {path}: {ckpt.get('steps_per_epoch')} steps per epoch in the checkpoint, "
                          f"{steps_per_epoch} now (different data?)")

@@ -22,8 +22,8 @@ import torch.nn as nn
 from ..atomic import write_text
 from ..models import create_model
 from . import feed
-from .checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resumable, check_state, load_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resumable, check_same_config, check_state,
+                         load_checkpoint, one_line, save_checkpoint)
 from .config import MAX_STEPS, TrainConfig, TrainResult
 from .distributed import Dist, session
 from .interrupt import Interrupted, StopRequests
@@ -66,6 +66,8 @@ def train(cfg: TrainConfig, callback: Optional[Callback] = None, dataset=None) -
             ckpt = None  # read (and checked) before the data are loaded: a bad file fails at once
             if cfg.out and cfg.resume and os.path.exists(os.path.join(cfg.out, CHECKPOINT)):
                 ckpt = load_checkpoint(os.path.join(cfg.out, CHECKPOINT))
+                check_state(ckpt)
+                check_same_config(ckpt, cfg)
             return Trainer(cfg, dist, callback, dataset, run_dir, ckpt).run()
         finally:
             if run_dir is not None:
@@ -161,7 +163,6 @@ class Trainer:
     def restore(self, ckpt: Dict[str, Any]) -> None:
         """Continue from ``ckpt`` exactly (checked against this run first)."""
         path = ckpt.get("path", self.ckpt_path)
-        check_state(ckpt)
         note = check_resumable(ckpt, self.cfg, self.steps_per_epoch, self.data.fingerprint, self.schedule.record())
         if note:
             self.say(note)
@@ -170,9 +171,8 @@ class Trainer:
             self.opt.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["rng"]["torch"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"corrupt or inconsistent checkpoint {path}: its state does not fit this run "
-                             f"({first[:300]})") from None
+                             f"({one_line(e)})") from None
         if "cuda" in ckpt["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
