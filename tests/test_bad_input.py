@@ -210,14 +210,17 @@ def _cifar(folder, first):
     return path
 
 
-def _images(root, broken):
+def _images(root, broken, mode="RGB"):
+    """Two good images per class and split, and ``broken`` as train/a/bad.png.
+    (With grayscale images every file is opened once to find the colour mode
+    before any is decoded: a second reading path.)"""
     from PIL import Image
 
     for split in ("train", "test"):
         for cls in ("a", "b"):
             os.makedirs(os.path.join(root, split, cls), exist_ok=True)
             for i in range(2):
-                Image.new("RGB", (6, 6), (i * 50, 0, 0)).save(os.path.join(root, split, cls, f"{i}.png"))
+                Image.new(mode, (6, 6), 50 * i).save(os.path.join(root, split, cls, f"{i}.png"))
     path = os.path.join(root, "train", "a", "bad.png")
     with open(path, "wb") as f:
         f.write(broken)
@@ -300,6 +303,10 @@ DATA_CASES = {
     "image_decompression_bomb": (lambda r: _images(r, _png_claiming(60000, 60000)), ["folder"],
                                  "DecompressionBombError"),
     "image_truncated_data": (lambda r: _images(r, _cut_png()), ["folder"], "truncated"),
+    "image_bomb_among_gray": (lambda r: _images(r, _png_claiming(60000, 60000), mode="L"), ["folder"],
+                              "DecompressionBombError"),
+    "image_not_an_image_among_gray": (lambda r: _images(r, b"GIF89a broken", mode="L"), ["folder"],
+                                      "not a decodable image"),
 }
 
 

@@ -360,3 +360,29 @@ def test_atomic_temporary_keeps_the_suffix(tmp_path):
     with atomic_path(str(tmp_path / "model.pt2")) as tmp:
         assert tmp.endswith(".tmp.pt2") and os.path.basename(tmp).startswith(".model.")
         open(tmp, "w").write("x")
+
+
+def test_a_second_signal_inside_a_step_aborts_at_once():
+    from normfree.train.interrupt import Interrupted, StopRequests
+
+    said, before = [], signal.getsignal(signal.SIGTERM)
+    with StopRequests(said.append) as stop:
+        stop.in_step = True
+        os.kill(os.getpid(), signal.SIGTERM)  # first: noted, the step goes on
+        assert stop.requested and stop.signum == signal.SIGTERM and "SIGTERM" in said[0]
+        with pytest.raises(Interrupted) as e:
+            os.kill(os.getpid(), signal.SIGINT)  # second: at once
+        assert e.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 400000000000000 bytes.")])
+def test_out_of_memory_is_one_line(error, tmp_path, capsys, monkeypatch):
+    def oom(*a, **k):
+        raise error
+
+    monkeypatch.setattr("normfree.signal.compare_models", oom)
+    assert main(["spp", "--model", "nf_wrn", "--out", str(tmp_path / "spp.png")]) == 2
+    assert "out of memory" in one_error_line(capsys.readouterr().err, "spp")
