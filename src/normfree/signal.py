@@ -372,10 +372,18 @@ def _input_shape(x: InputLike) -> Tuple[int, ...]:
     return shape
 
 
-def _check_input(model: nn.Module, shape: Tuple[int, ...]) -> None:
+def _check_input(model: nn.Module, shape: Tuple[int, ...], x: InputLike = None) -> None:
+    """The model's own shape check on the shape given (a meta tensor: nothing is
+    allocated), and for a tensor input: no NaN or Inf (they would make every
+    statistic NaN without a word)."""
     check = getattr(model, "check_input", None)
     if callable(check):
-        check(torch.empty((1,) + shape[1:], device="meta"))
+        check(torch.empty(shape, device="meta"))
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        bad = sum(int((~torch.isfinite(x[i:i + 256])).sum()) for i in range(0, shape[0], 256))
+        if bad:
+            raise ValueError(f"the input holds {bad} NaN/Inf value(s) (of {x.numel()}, shape {shape}): "
+                             f"the statistics would be NaN; pass finite values")
 
 
 def _chunks(x: InputLike, shape, chunk: int, seed: int, device, dtype) -> Iterator[torch.Tensor]:
@@ -487,7 +495,7 @@ def measure_signal(model: nn.Module, x: InputLike, blocks: Optional[Sequence[nn.
         :class:`SignalStats`, a list of :class:`BlockStats`.
     """
     shape = _input_shape(x)
-    _check_input(model, shape)
+    _check_input(model, shape, x)
     blocks, branch_map = _validate_blocks(model, blocks, branches)
     if not residual:
         branch_map = {}
@@ -618,7 +626,7 @@ def measure_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if not isinstance(y, torch.Tensor) or y.shape[0] != shape[0]:
         raise ValueError(f"y must be a tensor with one target per sample ({shape[0]}), got "
                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-    _check_input(model, shape)
+    _check_input(model, shape, x)
     blocks, _ = _validate_blocks(model, blocks, None)
     names = {m: n for n, m in model.named_modules()}
     device, dtype = _model_device_dtype(model)
