@@ -116,10 +116,48 @@ def test_scaled_std_conv_training_grads_equal_reference():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", FOLDABLE)
+def perturbed_resnet(name, **kw):
+    torch.manual_seed(0)
+    model = normfree.create_model(name, width=0.0625, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+CASES = [f"{n}_wrn" for n in FOLDABLE] + ["fixup_resnet50", "nf_resnet50"]
+
+
+def make_case(name):
+    return perturbed(name) if name.endswith("_wrn") else perturbed_resnet(name)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reference_path_is_the_formula(name):
+    """With fold_scalars off a block computes, step by step, its docstring's
+    y = s_skip * skip(x, h) + s_branch * f(h) [+ b], h = preact(x), f = branch(h)."""
+    model = make_case(name).eval()
+    x = torch.randn(2, 3, 16, 16)
+    h_in = model.stem(x)
+    with torch.no_grad(), unfolded(model):
+        for block in model.blocks:
+            h = block.preact(h_in)
+            want = block.branch(h)
+            s = block.branch_scale()
+            want = want * s if s is not None else want
+            if block.out_bias is not None:
+                want = want + block.out_bias.bias
+            skip = block.skip(h_in, h)
+            want = want + (skip if block.skip_scale is None else block.skip_scale * skip)
+            got = block(h_in)
+            assert torch.equal(got, want)
+            h_in = got
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_folded_scalars_give_same_outputs_and_gradients(name):
-    model = perturbed(f"{name}_wrn")
-    x = torch.randn(3, 3, 8, 8)
+    model = make_case(name)
+    x = torch.randn(3, 3, 8, 8) if name.endswith("_wrn") else torch.randn(3, 3, 32, 32)
     y = torch.tensor([1, 2, 3])
 
     def run():
@@ -135,6 +173,46 @@ def test_folded_scalars_give_same_outputs_and_gradients(name):
     assert grads_f.keys() == grads_u.keys()
     for n in grads_f:
         torch.testing.assert_close(grads_f[n], grads_u[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["fixup_wrn", "fixup_resnet50"])
+def test_fixup_bias_folding_switch_gives_same_outputs_and_gradients(name):
+    """fold_biases (Fixup's biases in the convs) against its other branch (the
+    ScalarBias modules applied), scalars folded in both."""
+    model = make_case(name)
+    x = torch.randn(3, 3, 16, 16)
+    y = torch.tensor([1, 2, 3])
+
+    def run(fold_biases):
+        for b in model.blocks:
+            b.fold_biases = fold_biases
+        model.zero_grad()
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out_f, grads_f = run(True)
+    out_u, grads_u = run(False)
+    torch.testing.assert_close(out_f, out_u, rtol=1e-5, atol=1e-6)
+    for n in grads_f:
+        torch.testing.assert_close(grads_f[n], grads_u[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["nf_wrn", "skipinit_wrn", "fixup_resnet50"])
+def test_weight_cache_switch_gives_the_same_bits(name):
+    """Conv2d.cache_weights against its other branch (the folded weight computed on every call)."""
+    model = cache_on(make_case(name)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        cached = model(x)
+        assert any("_fold_cache" in m.__dict__ for m in model.modules())
+        for m in model.modules():
+            if isinstance(m, Conv2d):
+                m.clear_cache()
+                m.cache_weights = False
+        plain = model(x)
+        assert not any("_fold_cache" in m.__dict__ for m in model.modules())
+    assert torch.equal(cached, plain)
 
 
 @pytest.mark.parametrize("arch", ["wrn", "resnet50"])
@@ -164,9 +242,26 @@ def _eval_out(model, x, grad: bool):
         return model(x).detach()
 
 
+def cache_on(model):
+    """Every conv's weight cache on (plain convs have it off by default)."""
+    for m in model.modules():
+        if isinstance(m, Conv2d):
+            m.cache_weights = True
+    return model
+
+
+def test_weight_cache_is_on_only_for_standardized_convs_by_default():
+    nf, si = perturbed("nf_wrn").eval(), perturbed("skipinit_wrn").eval()
+    with torch.no_grad():
+        nf(torch.randn(2, 3, 8, 8)), si(torch.randn(2, 3, 8, 8))
+    ws = [m for m in nf.modules() if isinstance(m, ScaledStdConv2d)]
+    assert ws and all("_fold_cache" in m.__dict__ for m in ws)
+    assert not any("_fold_cache" in m.__dict__ for m in si.modules())
+
+
 @pytest.mark.parametrize("name", ["nf_wrn", "skipinit_wrn"])
 def test_no_grad_cache_is_invalidated_by_optimizer_step_and_load_state_dict(name):
-    model = perturbed(name).eval()
+    model = cache_on(perturbed(name)).eval()
     x = torch.randn(2, 3, 8, 8)
     convs = [m for m in model.modules() if isinstance(m, Conv2d)]
     with torch.no_grad():
