@@ -268,7 +268,7 @@ def test_no_grad_cache_is_invalidated_by_optimizer_step_and_load_state_dict(name
         first = model(x)
     assert all("_fold_cache" in c.__dict__ for c in convs)
     for c in convs:
-        w, b = c.__dict__["_fold_cache"][-1]
+        (w, b), = [entry[-1] for entry in c.__dict__["_fold_cache"].values()]
         assert w.grad_fn is None and (w is c.weight or not w.requires_grad)  # no autograd graph held
     torch.testing.assert_close(first, _eval_out(model, x, grad=True), rtol=0, atol=0)
 
@@ -426,3 +426,44 @@ def test_bn_free_methods_save_less_for_backward_than_bn():
     bn = saved_bytes("bn_wrn")
     for name in ("none", "skipinit", "fixup", "nf", "nf_he", "rescale"):
         assert saved_bytes(f"{name}_wrn") < 0.8 * bn, name
+
+
+def test_cache_keeps_the_folded_and_the_reference_weights_of_a_block():
+    """measure_signal runs the reference path, a forward the folded one: alternating
+    them under no_grad reuses both cached weights instead of re-standardizing."""
+    model = perturbed("nf_wrn").eval()
+    x = torch.randn(2, 3, 8, 8)
+    conv = model.blocks[1].convs[0]
+    with torch.no_grad():
+        folded = model(x)
+        with unfolded(model):
+            ref = model(x)
+        entries = list(conv.__dict__["_fold_cache"].values())
+        assert len(entries) == 2
+        calls = []
+        conv.folded_weight_bias = lambda *a, **k: calls.append(1)  # a rebuild would call this
+        assert torch.equal(model(x), folded)
+        with unfolded(model):
+            assert torch.equal(model(x), ref)
+        assert not calls
+    torch.testing.assert_close(ref, folded, rtol=1e-5, atol=1e-6)
+
+
+def test_switch_benchmark_runs_every_switch_both_ways(capsys):
+    """benchmarks/bench_switches.py (smoke run): one row per switch and method."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_switches.py"
+    spec = importlib.util.spec_from_file_location("bench_switches", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--arch", "quick", "--reps", "1", "--memory", "--only", "fold_biases,cache_weights"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[:3] for r in rows] == [["fold_biases", "fixup", "train"], ["cache_weights", "nf", "eval"],
+                                     ["cache_weights", "skipinit", "eval"]]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    assert "saved for backward" in " ".join(rows[0])

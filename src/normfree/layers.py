@@ -186,6 +186,11 @@ def _scale_key(scale) -> tuple:
     return (scale,)
 
 
+#: folded weights a conv keeps under no_grad: the block's folded forward and its
+#: reference path (which measure_signal runs) each use one
+CACHE_ENTRIES = 2
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` whose forward folds scalar multipliers into its weight.
 
@@ -199,7 +204,8 @@ class Conv2d(nn.Conv2d):
     branch). State-dict compatible with ``nn.Conv2d``.
 
     Without autograd (``torch.no_grad()`` / ``torch.inference_mode()``) and with
-    ``cache_weights`` the folded weight is computed once and cached, keyed on the identity,
+    ``cache_weights`` the folded weight is computed once and cached (the two
+    most recently used scalings: a block's folded and reference paths), keyed on the identity,
     ``_version`` counter and storage of every tensor involved (weight, bias,
     gain, tensor scales) and on the values of numeric scales: an optimizer step
     or ``load_state_dict`` (in-place updates) bumps ``_version``, ``.to()``
@@ -239,13 +245,15 @@ class Conv2d(nn.Conv2d):
         tensors = self._cache_tensors()
         key = (tuple(_scale_key(t) for t in tensors), _scale_key(in_scale), _scale_key(out_scale),
                _scale_key(add_bias))
-        cache = self.__dict__.get("_fold_cache")
-        if cache is None or cache[0] != key:
+        cache = self.__dict__.setdefault("_fold_cache", {})  # key -> entry, least recent first
+        entry = cache.pop(key, None)
+        if entry is None:
             # the tensors are kept alive with the entry, so their ids cannot be reused
-            cache = (key, tensors, in_scale, out_scale, add_bias,
-                     self.folded_weight_bias(in_scale, out_scale, add_bias))
-            self.__dict__["_fold_cache"] = cache
-        return cache[-1]
+            entry = (tensors, in_scale, out_scale, add_bias, self.folded_weight_bias(in_scale, out_scale, add_bias))
+            while len(cache) >= CACHE_ENTRIES:
+                cache.pop(next(iter(cache)))
+        cache[key] = entry
+        return entry[-1]
 
     def clear_cache(self) -> None:
         """Drop the cached folded weight (it is rebuilt on the next no-grad call)."""
