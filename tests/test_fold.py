@@ -145,8 +145,8 @@ def test_reference_path_is_the_formula(name):
             want = block.branch(h)
             s = block.branch_scale()
             want = want * s if s is not None else want
-            if block.out_bias is not None:
-                want = want + block.out_bias.bias
+            if block.branch_bias() is not None:
+                want = want + block.branch_bias()
             skip = block.skip(h_in, h)
             want = want + (skip if block.skip_scale is None else block.skip_scale * skip)
             got = block(h_in)

@@ -148,7 +148,8 @@ class ResidualBlock(nn.Module):
 
     * :meth:`preact`, :meth:`skip`, :meth:`branch`: the steps h, skip and f of
       the module docstring's formula; :meth:`branch_scale` is s_branch
-      (``branch_const`` x ``gain``), ``skip_scale`` is s_skip (None means 1).
+      (``branch_const`` x ``gain``), ``skip_scale`` is s_skip (None means 1),
+      :meth:`branch_bias` is b.
     * ``branch_out``: an ``nn.Identity`` that f passes through on the reference
       path (hook it to observe f before any scalar).
     * the parts of f: ``pre``, ``convs``, ``mids`` (the norm/act units between
@@ -262,6 +263,10 @@ class ResidualBlock(nn.Module):
         if self.gain is not None:
             s = self.gain.gain if s is None else self.gain.gain * s
         return s
+
+    def branch_bias(self) -> Optional[torch.Tensor]:
+        """b: Fixup's scalar bias added after s_branch * f (None for other methods)."""
+        return None if self.out_bias is None else self.out_bias.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fold_scalars:

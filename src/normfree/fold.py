@@ -50,8 +50,8 @@ def _plain_conv(conv: Conv2d, in_scale: Scale = None, out_scale: Scale = None,
 
 def _fold_block(block: ResidualBlock) -> None:
     """Fold the block's scalars (its public parts: ``in_scale``, ``mid_scale``,
-    ``branch_scale()``, ``out_bias``) into plain copies of its convolutions,
-    then drop them: the block computes the same with none left."""
+    ``branch_scale()``, ``branch_bias()``) into plain copies of its
+    convolutions, then drop them: the block computes the same with none left."""
     if block.shortcut_uses_preact:
         block.shortcut = _plain_conv(block.shortcut, in_scale=block.in_scale)
     last = len(block.convs) - 1
@@ -60,8 +60,7 @@ def _fold_block(block: ResidualBlock) -> None:
         if i < last:
             block.convs[i] = _plain_conv(conv, in_scale)
         else:  # s_branch * conv(..) + b (Fixup's bias after the branch)
-            extra = block.out_bias.bias if block.out_bias is not None else None
-            block.convs[i] = _plain_conv(conv, in_scale, block.branch_scale(), extra)
+            block.convs[i] = _plain_conv(conv, in_scale, block.branch_scale(), block.branch_bias())
     block.in_scale = block.mid_scale = block.branch_const = None
     block.gain = block.out_bias = None
     block.expected_var = None  # alpha is in the weights now: nothing left to track
