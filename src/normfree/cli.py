@@ -193,7 +193,9 @@ def add_spp(sub) -> None:
                        description="Feed N(0,1) noise through freshly initialized models and plot, per residual "
                                    "block, the squared channel mean, the channel variance and the residual-branch "
                                    "variance (Brock et al. 2021). Writes OUT (.png and .svg), .csv/.json beside it, and "
-                                   "OUT_paths (.png, .svg): residual-to-skip ratios and path lengths.")
+                                   "OUT_paths (.png, .svg): residual-to-skip ratios and path lengths. NF models (nf, "
+                                   "nf_he) are drawn with their SkipInit gain at 1, as in the paper's SPPs (it is 0 "
+                                   "at initialization for training); their label says '(gain 1)'.")
     p.add_argument("--model", required=True, help="model name, e.g. nf_resnet50 or nf_wrn (see `normfree models`)")
     p.add_argument("--compare", nargs="*", default=[], metavar="NAME", help="more models on the same figure")
     p.add_argument("--depth", type=int_in(1, 20_000), default=None, help="WRN depth 6n+4 (default 16)")
@@ -206,6 +208,8 @@ def add_spp(sub) -> None:
     p.add_argument("--chunk", type=int_in(1, 65536), default=None, help="samples per forward pass (default: auto)")
     p.add_argument("--seed", type=int_in(0, 2 ** 62 - 1), default=0, help="seed of the weights and of the noise")
     p.add_argument("--out", default="spp.png", help="figure path; .csv and .json are written beside it")
+    p.add_argument("--nf-gain", type=float, default=1.0,
+                   help="SkipInit gain of NF models in the plot (default 1, as in the paper's SPPs)")
     p.add_argument("--grads", action="store_true",
                    help="also measure per-block gradient norms (cross-entropy, random labels): OUT_grads")
 
@@ -227,15 +231,20 @@ def add_spp(sub) -> None:
         prepare_output(args.out if args.out.lower().endswith((".png", ".svg")) else args.out + ".png")
         results, preds = compare_models(names, batch=args.batch, resolution=args.resolution,
                                         in_chans=args.in_chans, chunk_size=args.chunk, seed=args.seed,
-                                        depth=args.depth, width=args.width, grads=args.grads)
+                                        depth=args.depth, width=args.width, grads=args.grads,
+                                        nf_gain=args.nf_gain)
         stem = os.path.splitext(args.out)[0] if args.out.lower().endswith((".png", ".svg")) else args.out
         figs = plot_spp(results, stem + ".png", predictions=preds)
         figs += plot_paths(results, stem + "_paths.png")
         if args.grads:
             figs += plot_gradients({k: v.grads for k, v in results.items()}, stem + "_grads.png")
-        meta = {k: getattr(args, k) for k in ("depth", "width", "batch", "resolution", "in_chans", "chunk", "seed")}
+        meta = {k: getattr(args, k) for k in ("depth", "width", "batch", "resolution", "in_chans", "chunk", "seed",
+                                              "nf_gain")}
         files = figs + [write_csv(results, stem + ".csv", preds), write_json(results, stem + ".json", preds, meta)]
         print(format_table(results, preds))
+        if any(getattr(st, "nf_gain", None) is not None for st in results.values()):
+            print(f"NF models drawn with their SkipInit gain at {args.nf_gain:g} (paper's SPP convention; "
+                  f"0 at initialization for training)")
         print("wrote " + ", ".join(files))
         return 0
 
