@@ -139,9 +139,12 @@ def _check_layout(ckpt: Dict[str, Any], config: TrainConfig) -> None:
     before building anything, so a configuration that asks for a model far
     larger than the weights fails at once."""
     path, state = ckpt.get("path", "?"), ckpt["model"]
-    _, arch_name, size = parse_model_name(config.model)
-    arch = make_arch(arch_name, config.depth if config.depth is not None else size.get("depth"),
-                     config.width if config.width is not None else size.get("width", 1))
+    try:
+        _, arch_name, size = parse_model_name(config.model)
+        arch = make_arch(arch_name, config.depth if config.depth is not None else size.get("depth"),
+                         config.width if config.width is not None else size.get("width", 1))
+    except (TypeError, ValueError) as e:
+        raise _corrupt(path, f"its configuration is invalid ({e})") from None
     blocks = {int(m.group(1)) for k in state for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
     want = sum(arch.depths)
     if len(blocks) != want:
