@@ -214,6 +214,9 @@ def _registered_model(ckpt: Dict[str, Any], config: TrainConfig) -> nn.Module:
         model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError) as e:
         raise _corrupt(path, f"its weights do not fit its configuration ({one_line(e)})") from None
+    from ..backbone import cfg_from_input
+
+    model.pretrained_cfg = {"architecture": config.model, **cfg_from_input(ckpt.get("input"), path)}
     return model.eval()
 
 
