@@ -15,7 +15,7 @@ from normfree.cli import main
 from normfree.factory import adapt_input_conv, build_model, check_spec, find_classifier, resolve
 from normfree.train import load_checkpoint, load_model
 from foreign_resnets import timm_resnetv2_50
-from user_models import HeadNet, OddNames, TinyCNN, tiny_cnn
+from user_models import HeadNet, OddNames, ProjNet, TinyCNN, tiny_cnn
 
 HAVE_TIMM = importlib.util.find_spec("timm") is not None
 HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
@@ -106,6 +106,7 @@ def test_adapt_input_conv_repeats_the_channels_and_keeps_the_output_variance():
     (lambda: TinyCNN(10, 1), "fc"),                          # attribute fc
     (lambda: HeadNet(10, 1), "head.2"),                      # head: an MLP, its last Linear
     (lambda: timm_resnetv2_50(num_classes=10), "head.fc"),   # get_classifier() (timm's interface)
+    (lambda: ProjNet(), "proj"),                             # get_classifier() only
     (lambda: normfree.create_model("nf_wrn", depth=10), "fc"),
     (lambda: nn.Sequential(nn.Linear(2, 2)), None),          # nothing to find
 ])

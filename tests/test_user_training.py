@@ -52,7 +52,7 @@ def test_user_module_trains_on_a_dataset_and_the_loss_drops(digits, tmp_path):
     assert info["model_info"]["class"] == "user_models.TinyCNN" and info["model_info"]["source"] == "module"
     assert info["data_fingerprint"]["train"] == [256, 1, 8, 8] and info["data_fingerprint"]["test"] == [96, 1, 8, 8]
     assert info["exact_resume"] is True and info["num_classes"] == 10
-    assert sorted(os.listdir(out)) == [".lock", "checkpoint.pt", "config.json", "metrics.csv", "metrics.jsonl",
+    assert sorted(set(os.listdir(out)) - {"tb"}) == [".lock", "checkpoint.pt", "config.json", "metrics.csv", "metrics.jsonl",
                                        "model.safetensors", "summary.json"]
 
 
@@ -299,3 +299,24 @@ def test_bad_weights_files_are_refused_in_one_line(tmp_path):
     save_file({"w": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="a safetensors file without normfree's metadata"):
         load_model(foreign)
+
+
+def test_resume_on_other_user_data_is_refused(digits, tmp_path):
+    train_ds, _ = digits
+    out = str(tmp_path / "r")
+    train(cfg(out=out, stop_after_steps=3), model=net(), dataset=train_ds)
+    x, y = train_ds.tensors
+    edited = torch.utils.data.TensorDataset(x.clone(), y.clone())
+    edited.classes = train_ds.classes
+    edited.tensors[0][-1] += 1.0  # one image changed (the last one is among the probed samples)
+    with pytest.raises(ValueError, match="cannot resume .*: the data differ from the checkpoint's"):
+        train(cfg(out=out, resume=True), model=net(), dataset=edited)
+
+
+def test_evaluating_random_test_data_does_not_change_the_training(digits):
+    """eval_every may change on resume: evaluation must not draw from the training's random stream."""
+    train_ds, test_ds = digits
+    runs = [train(cfg(steps=16, eval_every=every), model=net(dropout=0.3), dataset=train_ds,
+                  test_data=NoisyDigits(test_ds)) for every in (0, 1)]
+    assert [h["step"] for h in runs[1].history if h["kind"] == "eval"] == [8, 16]
+    assert same_weights(runs[0].model, runs[1].model)

@@ -54,6 +54,21 @@ class OddNames(nn.Module):
         return self.out_layer(torch.relu(self.features(x)).mean((2, 3)))
 
 
+class ProjNet(nn.Module):
+    """timm's interface only: ``get_classifier()`` names the classifier (``proj``)."""
+
+    def __init__(self, num_classes=10, in_chans=1):
+        super().__init__()
+        self.features = nn.Conv2d(in_chans, 6, 3, padding=1)
+        self.proj = nn.Linear(6, num_classes)
+
+    def get_classifier(self):
+        return self.proj
+
+    def forward(self, x):
+        return self.proj(torch.relu(self.features(x)).mean((2, 3)))
+
+
 def fixed_net():
     """Takes no arguments: 10 classes, 1 input channel (the digits)."""
     return TinyCNN(10, 1)
