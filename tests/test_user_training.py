@@ -231,6 +231,10 @@ def test_config_and_arguments_are_checked(digits):
         train(cfg(), model="tiny", dataset=train_ds)
     with pytest.raises(ValueError, match="augment applies to normfree's built-in data sets"):
         train(cfg(augment=True), model=net(), dataset=train_ds)
+    with pytest.raises(ValueError, match="convert='skipinit' makes a foreign model BN-free; 'nf_wrn' is a normfree"):
+        train(TrainConfig(model="nf_wrn", convert="skipinit", progress=False))
+    with pytest.raises(ValueError, match="convert must be one of"):
+        TrainConfig(convert="skipnit")
     with pytest.raises(ValueError, match="data=None means the data are passed"):
         train(cfg(data=None), model=net())
     with pytest.raises(TypeError, match=r"does not take the option\(s\) \['depthh'\]"):

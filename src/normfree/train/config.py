@@ -199,8 +199,6 @@ class TrainConfig:
         if self.convert is not None:
             from ..convert import METHODS as CONVERT_METHODS
 
-            check(not self.registered, f"convert={self.convert!r} makes a foreign model BN-free; {self.model!r} "
-                                       f"is a normfree model: choose the method in its name (e.g. nf_resnet50)")
             check(self.convert in CONVERT_METHODS,
                   f"convert must be one of {list(CONVERT_METHODS)}, got {self.convert!r}")
         check(self.classifier is None or (isinstance(self.classifier, str) and self.classifier.strip() != ""),
@@ -267,6 +265,13 @@ class TrainConfig:
         check_int("checkpoint_every", self.checkpoint_every, 0, MAX_STEPS)
         check_int("stop_after_steps", self.stop_after_steps, 1, MAX_STEPS, optional=True)
         return self
+
+    def check_convert(self) -> None:
+        """``convert`` needs a foreign model (checked when training starts, once a
+        model passed to ``train`` has taken the place of ``model``)."""
+        if self.convert is not None and self.registered:
+            raise ValueError(f"convert={self.convert!r} makes a foreign model BN-free; {self.model!r} is a normfree "
+                             f"model: choose the method in its name (e.g. nf_resnet50)")
 
     def _model_options(self) -> Dict[str, Any]:
         opts = dict(self.model_options or {})

@@ -78,6 +78,7 @@ def train(cfg: TrainConfig, callback: Optional[Callback] = None, dataset=None, *
     """
     cfg.validate()
     cfg = _adopt(cfg, model, dataset)
+    cfg.check_convert()
     with session(cfg) as dist:
         run_dir = RunDir.open(cfg.out, cfg.resume) if cfg.out and dist.main else None
         try:
