@@ -166,7 +166,8 @@ def from_torch_data(cfg: TrainConfig, train_data, test_data, rank: int, world: i
     ld = td.train_loader(train_data, batch_size=local_batch, seed=cfg.seed, num_workers=cfg.num_workers,
                          max_examples=cfg.max_train_examples, rank=rank, world=world, device=device)
     h = hashlib.sha256(ld.fingerprint["sha256"].encode())
-    num_test, test_shape, run_eval = 0, [], None
+    num_test, test_shape = 0, []
+    run_eval: Optional[Callable[[nn.Module], Tuple[float, float]]] = None
     if test_data is not None:
         if cfg.max_test_examples is not None:
             if isinstance(test_data, DataLoader):
@@ -177,7 +178,7 @@ def from_torch_data(cfg: TrainConfig, train_data, test_data, rank: int, world: i
             raise ValueError(f"the test data ({type(test_data).__name__}) are empty")
         loader = td.test_loader(test_data, max(256, local_batch), cfg.num_workers)
 
-        def run_eval(model: nn.Module) -> Tuple[float, float]:
+        def run_eval(model: nn.Module) -> Tuple[float, float]:  # noqa: F811 - the evaluation when test data exist
             return td.evaluate_loader(model, loader, device, amp=amp, channels_last=cfg.channels_last)
 
     shape = ld.sample_shape

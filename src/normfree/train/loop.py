@@ -9,19 +9,18 @@ checkpoints), and :meth:`Trainer.finish` (evaluation, summary).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from ..atomic import write_text
-from ..factory import build_model, class_name, factory_name, find_classifier, importable_spec
+from ..factory import find_classifier
 from . import feed
 from .checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resumable, check_same_config, check_state,
                          load_checkpoint, one_line, save_checkpoint)
@@ -29,13 +28,13 @@ from .config import MAX_STEPS, TrainConfig, TrainResult
 from .distributed import Dist, session
 from .interrupt import Interrupted, StopRequests
 from .metrics import MetricsFiles, StepLog, jsonable
+from .model import ModelArg, adopt, make_model
 from .optim import Schedule, make_optimizer
 from .rundir import RunDir
 from .step import train_step
 from .weights import WEIGHTS, save_weights
 
 Callback = Callable[[int, nn.Module, Dict[str, Any]], Any]
-ModelArg = Union[nn.Module, Callable[..., nn.Module], None]
 
 
 class Diverged(Exception):
@@ -77,7 +76,7 @@ def train(cfg: TrainConfig, callback: Optional[Callback] = None, dataset=None, *
         is raised.
     """
     cfg.validate()
-    cfg = _adopt(cfg, model, dataset)
+    cfg = adopt(cfg, model, dataset)
     cfg.check_convert()
     with session(cfg) as dist:
         run_dir = RunDir.open(cfg.out, cfg.resume) if cfg.out and dist.main else None
@@ -91,28 +90,6 @@ def train(cfg: TrainConfig, callback: Optional[Callback] = None, dataset=None, *
         finally:
             if run_dir is not None:
                 run_dir.close()
-
-
-def _adopt(cfg: TrainConfig, model: ModelArg, dataset) -> TrainConfig:
-    """The configuration that records a model and data passed to :func:`train`:
-    ``model`` None (or the importable spec of a model-building callable),
-    ``data`` None for a torch Dataset / DataLoader."""
-    from .torchdata import is_torch_data
-
-    changes: Dict[str, Any] = {}
-    if model is not None:
-        if isinstance(model, nn.Module):
-            if cfg.model_options:
-                raise ValueError(f"model_options {cfg.model_options} are arguments of a model factory; the "
-                                 f"model passed to train() is already built")
-            changes["model"] = None
-        elif callable(model):
-            changes["model"] = importable_spec(model)
-        else:
-            raise TypeError(f"model must be an nn.Module or a callable returning one, got {type(model).__name__}")
-    if dataset is not None and is_torch_data(dataset):
-        changes["data"] = None
-    return dataclasses.replace(cfg, **changes) if changes else cfg  # (validated again: depth etc. must be unset)
 
 
 class Trainer:
@@ -175,44 +152,11 @@ class Trainer:
 
     # ------------------------------------------------------------ set-up
     def build_model(self, given: ModelArg = None):
-        """The model (``given``, or built from ``cfg.model`` under the seed),
-        converted when ``cfg.convert``, on the device; checked on a few training
-        samples unless it is a registered normfree model. Returns (model, the
-        module the loop calls (DDP / compiled), optimizer)."""
-        cfg, data = self.cfg, self.data
-        if cfg.in_chans is not None and data.in_chans is not None and cfg.in_chans != data.in_chans:
-            raise ValueError(f"in_chans={cfg.in_chans} but the data {data.name!r} has {data.in_chans} channels")
-        self.num_classes = cfg.num_classes or data.num_classes
-        if self.num_classes is not None and data.num_classes is not None and self.num_classes < data.num_classes:
-            raise ValueError(f"num_classes={self.num_classes} is smaller than the data's {data.num_classes} classes")
-        in_chans = data.in_chans if data.in_chans is not None else cfg.in_chans
-        torch.manual_seed(cfg.seed)
-        if isinstance(given, nn.Module):
-            model, source = given, "module"
-            if cfg.convert is not None:
-                from ..convert import convert
-
-                model = convert(model, cfg.convert)
-        else:
-            if self.num_classes is None and (given is not None or not cfg.registered):
-                raise ValueError(f"the data {data.name!r} do not say how many classes they have (no 'classes' "
-                                 f"attribute): give num_classes")
-            source = "registry" if cfg.registered and given is None else ("callable" if given is not None else "spec")
-            model = build_model(given if given is not None else cfg.model, num_classes=self.num_classes,
-                                in_chans=in_chans, convert=cfg.convert,
-                                options=cfg._model_options() if cfg.registered else cfg.model_options,
-                                depth=cfg.depth, width=cfg.width)
-        self.model_info = {"source": source, "spec": cfg.model, "class": class_name(model),
-                           "factory": factory_name(given) if callable(given) and not isinstance(given, nn.Module)
-                           else None, "num_classes": self.num_classes, "in_chans": in_chans,
-                           "convert": cfg.convert}
-        model.to(self.device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError(f"the model ({type(model).__name__}) has no parameters to train")
-        if source != "registry":
-            self.check_model(model)
+        """The run's model (:func:`normfree.train.model.make_model`), its optimizer
+        (AGC without the classifier) and the module the loop calls (DDP / compiled)."""
+        cfg = self.cfg
+        built = make_model(cfg, self.data, given, self.device, self.say)
+        model, self.num_classes, self.model_info = built.model, built.num_classes, built.info
         self.num_params = sum(p.numel() for p in model.parameters())
         self.classifier = None
         if cfg.agc is not None:
@@ -229,45 +173,6 @@ class Trainer:
         # dropout / stochastic-depth stream: seed + rank (so ranks draw different masks)
         torch.manual_seed(cfg.seed + 1_000_003 * self.dist.rank)
         return model, net, opt
-
-    def check_model(self, model: nn.Module) -> None:
-        """One eval-mode forward of two training samples: the output must be
-        (N, classes) with a column for every class of the data (a clear error
-        instead of a failure deep inside the first step). No random stream
-        and no running statistic changes."""
-        if self.data.probe is None:
-            x, y = next(iter(self.data.batches))
-            self.data.batches.set_epoch(0)
-            x, y = x[:2], y[:2]
-        else:
-            x, y = self.data.probe()
-        if self.cfg.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        was_training = model.training
-        model.eval()
-        devices = [self.device] if self.device.type == "cuda" else []
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                out = model(x)
-        except Exception as e:  # noqa: BLE001 - the user's model: say what it was given
-            raise ValueError(f"the model ({type(model).__name__}) fails on the training inputs of shape "
-                             f"{tuple(x.shape)}: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
-        finally:
-            model.train(was_training)
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"the model ({type(model).__name__}) must return logits of shape (N, classes) in "
-                             f"eval mode; for inputs {tuple(x.shape)} it returned {got}")
-        need = max(self.num_classes or 0, int(y.max()) + 1 if y.numel() else 0)
-        if out.shape[1] < need:
-            raise ValueError(f"the model ({type(model).__name__}) has {out.shape[1]} outputs, but the data have "
-                             f"{need} classes: build it with num_classes={need}")
-        if self.num_classes is None:
-            self.num_classes = int(out.shape[1])
-            self.model_info["num_classes"] = self.num_classes
-        elif out.shape[1] != self.num_classes:
-            self.say(f"note: the model has {out.shape[1]} outputs for {self.num_classes} classes")
-            self.model_info["num_classes"] = int(out.shape[1])
 
     def describe(self, resumed: bool) -> Dict[str, Any]:
         """What config.json holds: the configuration and what the run derived from it."""

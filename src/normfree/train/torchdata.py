@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import random
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 

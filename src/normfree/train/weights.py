@@ -21,7 +21,6 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-import torch
 import torch.nn as nn
 
 from ..atomic import write_bytes
