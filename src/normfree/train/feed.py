@@ -12,6 +12,7 @@ resumed run must match.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -178,8 +179,8 @@ def from_torch_data(cfg: TrainConfig, train_data, test_data, rank: int, world: i
             raise ValueError(f"the test data ({type(test_data).__name__}) are empty")
         loader = td.test_loader(test_data, max(256, local_batch), cfg.num_workers)
 
-        def run_eval(model: nn.Module) -> Tuple[float, float]:  # noqa: F811 - the evaluation when test data exist
-            return td.evaluate_loader(model, loader, device, amp=amp, channels_last=cfg.channels_last)
+        run_eval = functools.partial(td.evaluate_loader, loader=loader, device=device, amp=amp,
+                                     channels_last=cfg.channels_last)
 
     shape = ld.sample_shape
     fp = dict(ld.fingerprint, test=test_shape, sha256=h.hexdigest())
