@@ -324,3 +324,36 @@ def test_evaluating_random_test_data_does_not_change_the_training(digits):
                   test_data=NoisyDigits(test_ds)) for every in (0, 1)]
     assert [h["step"] for h in runs[1].history if h["kind"] == "eval"] == [8, 16]
     assert same_weights(runs[0].model, runs[1].model)
+
+
+def test_ddp_of_a_factory_model_on_user_data_matches_one_process(tmp_path):
+    """Two torchrun processes (gloo) split every global batch of normfree's order
+    for a user Dataset: the trajectory is the one-process one (up to float summation)."""
+    import subprocess
+    import sys
+
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    args = ["--model", "user_models:tiny_cnn", "--data", "user_models:digits_tensors", "--steps", "6",
+            "--batch-size", "32", "--lr", "0.1", "--log-every", "3", "--device", "cpu", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([here, env.get("PYTHONPATH", "")]))
+    out = str(tmp_path / "ddp")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "normfree.cli", "train", *args, "--out", out], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from normfree.cli import main
+
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    a, b = load_checkpoint(out), load_checkpoint(str(tmp_path / "one"))
+    assert json.load(open(os.path.join(out, "config.json")))["local_batch_size"] == 16
+    for k, v in b["model"].items():
+        assert torch.allclose(a["model"][k], v, rtol=1e-4, atol=1e-5), k
+    torch.manual_seed(0)  # what train() does before calling the factory
+    init = TinyCNN(10, 1).state_dict()
+    assert all(torch.equal(init[k], v) for k, v in net().state_dict().items())  # (same seed, same weights)
+    assert max(float((b["model"][k] - init[k]).abs().max()) for k in init) > 1e-3  # and the runs did train
