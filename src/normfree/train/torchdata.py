@@ -10,10 +10,11 @@ position. normfree therefore orders the batches itself wherever it can:
   seeded per-epoch order (:class:`EpochBatchSampler`: a permutation drawn from
   ``mix_seed(seed, epoch)``, the one normfree's own data use). Each sample is
   read with torch's, Python's and NumPy's global random generators seeded from
-  (seed, epoch, index) (:class:`SeededSamples`; torch's and Python's are
-  restored afterwards), so random transforms inside the dataset give the same
-  result in any worker, after any resume, and never touch the training loop's
-  random stream. This costs about 0.1 ms per sample.
+  (seed, epoch, index) (:class:`SeededSamples`; torch's is restored
+  afterwards), so random transforms inside the dataset give the same result
+  in any worker, after any resume, and never touch the training loop's random
+  stream. This costs 60-90 us per sample on 2 shared CPU cores
+  (benchmarks/bench_user_data.py), little beside decoding an image.
   A resumed run starts mid-epoch at the next batch without reading the
   skipped ones and is bit-identical to an uninterrupted one.
 * any other ``DataLoader`` (a custom or distributed sampler, a custom batch
@@ -58,26 +59,29 @@ def is_torch_data(obj: Any) -> bool:
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed sample ``index`` of epoch ``epoch`` is read with (63 bits)."""
-    return mix_seed(mix_seed(seed, epoch), index)
+    """The seed sample ``index`` of epoch ``epoch`` is read with: 63 bits of
+    SHA-256("normfree:seed:epoch:index"), the same in every process."""
+    digest = hashlib.sha256(f"normfree:{int(seed)}:{int(epoch)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @contextlib.contextmanager
 def seeded_rngs(seed: int):
     """Seed torch's (CPU), Python's and NumPy's global generators with ``seed``
-    inside the block. torch's and Python's get their previous state back
-    afterwards; NumPy's stays seeded (saving and restoring its state costs
-    about 0.3 ms, more than the rest together; the training loop does not use
-    it, and what it holds afterwards is still a function of the last sample read)."""
-    torch_state, py = torch.get_rng_state(), random.getstate()
-    torch.default_generator.manual_seed(seed)  # (torch.manual_seed also seeds every accelerator: 0.5 ms)
+    inside the block; torch's gets its previous state back afterwards (the
+    training loop draws dropout and stochastic depth from it). Python's and
+    NumPy's stay seeded: the loop does not use them, what they hold afterwards
+    is still a function of the last sample read, and saving and restoring them
+    would cost more than everything else (0.03 and 0.3 ms per sample)."""
+    gen = torch.default_generator
+    state = gen.get_state()
+    gen.manual_seed(seed)  # (torch.manual_seed also seeds every accelerator: 0.5 ms)
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(py)
+        gen.set_state(state)
 
 
 class SeededSamples(Dataset):
