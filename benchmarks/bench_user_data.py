@@ -33,12 +33,12 @@ def epoch_time(batches) -> float:
     return time.perf_counter() - t, n
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096, help="images (3x32x32)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x8 = torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8, generator=g)

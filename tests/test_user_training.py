@@ -357,3 +357,16 @@ def test_ddp_of_a_factory_model_on_user_data_matches_one_process(tmp_path):
     init = TinyCNN(10, 1).state_dict()
     assert all(torch.equal(init[k], v) for k, v in net().state_dict().items())  # (same seed, same weights)
     assert max(float((b["model"][k] - init[k]).abs().max()) for k in init) > 1e-3  # and the runs did train
+
+
+def test_bench_user_data_runs_and_prints_the_three_paths(capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "bench_user_data.py")
+    spec = importlib.util.spec_from_file_location("bench_user_data", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--n", "256", "--batch", "32", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[1:4]] == ["builtin", "plain", "normfree"]
+    assert lines[2].split()[2] == "1.00" and lines[4].startswith("per-sample seeding:")
