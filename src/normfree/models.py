@@ -13,7 +13,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -171,7 +171,7 @@ class ResNet(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return self.fc.in_features
+        return self.arch.widths[-1]  # (the classifier's inputs; also after reset_classifier(0))
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear ValueError for input that is not (N, in_chans, H, W)."""
@@ -185,14 +185,61 @@ class ResNet(nn.Module):
         self.check_input(x)
         return self.blocks(self.stem(x))
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Final norm/act, pool, [dropout], classifier; ``pre_logits``: stop before the classifier."""
         x = self.pool(self.final_act(x)).flatten(1)
         if self.head_scale is not None:  # NF: gamma of the final activation, after the (linear) pool
             x = x * self.head_scale
-        return self.fc(self.dropout(x))
+        x = self.dropout(x)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # ---- timm's model interface (details in normfree.backbone) ----------------------
+    def get_classifier(self) -> nn.Module:
+        """The final classifier (AGC leaves it unclipped)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for ``num_classes`` outputs, initialized as the method
+        says (0: none; the model then returns its pooled features). Only average
+        pooling exists: ``global_pool`` may be None or "avg"."""
+        from .backbone import make_classifier
+
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool must be None or 'avg' (normfree models pool by averaging), got "
+                             f"{global_pool!r}")
+        self.fc = make_classifier(self.scheme, self.num_features, num_classes).to(self.stem[0].weight.device)
+        self.num_classes = num_classes
+
+    @property
+    def feature_info(self):
+        """One record per feature map (stem, then every stage): ``num_chs``,
+        ``reduction``, ``module`` (timm's ``feature_info``)."""
+        from .backbone import feature_info
+
+        return feature_info(self)
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
+                              intermediates_only: bool = False):
+        """timm's ``forward_intermediates``: (final features, [feature maps ``indices``])."""
+        from .backbone import forward_intermediates
+
+        return forward_intermediates(self, x, indices, norm=norm, intermediates_only=intermediates_only)
+
+    @property
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """timm's record of input size, mean, std, classes, first conv and
+        classifier; mean / std / input size of the training data once weights
+        were loaded from a checkpoint."""
+        from .backbone import pretrained_cfg
+
+        return {**pretrained_cfg(self), **self.__dict__.get("_pretrained_extra", {})}
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, extra: Dict[str, Any]) -> None:
+        self.__dict__["_pretrained_extra"] = dict(extra)
 
 
 def list_models() -> List[str]:
@@ -228,7 +275,9 @@ def parse_model_name(name: str) -> Tuple[str, str, Dict[str, int]]:
 
 
 def create_model(name: str, *, depth: Optional[int] = None, width: Optional[float] = None,
-                 num_classes: int = 10, in_chans: int = 3, **method_options) -> ResNet:
+                 num_classes: int = 10, in_chans: int = 3, pretrained: Union[bool, str] = False,
+                 checkpoint_path: Optional[str] = None, features_only: bool = False,
+                 out_indices: Optional[Sequence[int]] = None, **method_options) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -237,6 +286,14 @@ def create_model(name: str, *, depth: Optional[int] = None, width: Optional[floa
         depth: WRN depth (6n+4); for ``resnetNN`` it must be omitted or equal NN.
         width: WRN width factor k, or channel multiplier of a bottleneck ResNet.
         num_classes, in_chans: classifier outputs and input channels.
+        pretrained, checkpoint_path: no normfree weights are published, so
+            ``pretrained=True`` raises; a path (``pretrained="run/checkpoint.pt"``
+            or ``checkpoint_path=``: a checkpoint, a run directory or a
+            ``model.safetensors``) loads those weights (a classifier of another
+            ``num_classes`` stays fresh) and their input record into ``pretrained_cfg``.
+        features_only, out_indices: return a :class:`~normfree.backbone.FeatureResNet`
+            giving a list of feature maps (stem and stages, or ``out_indices``)
+            instead of logits, with ``feature_info``.
         **method_options: fields of the method's Scheme, e.g. ``alpha=0.2``,
             ``gain_init="1/sqrt(d)"``, ``act="gelu"``, ``regularized=True``,
             ``dropout=0.3``, ``drop_path=0.1`` (see :class:`Scheme`).
@@ -250,5 +307,11 @@ def create_model(name: str, *, depth: Optional[int] = None, width: Optional[floa
                              f"give the {key} once (in the name or as {key}=)")
         size[key] = value
     scheme = make_scheme(method, **method_options)
-    return ResNet(make_arch(arch, size.get("depth"), size.get("width", 1)), scheme,
-                  num_classes=num_classes, in_chans=in_chans)
+    model = ResNet(make_arch(arch, size.get("depth"), size.get("width", 1)), scheme,
+                   num_classes=num_classes, in_chans=in_chans)
+    if pretrained is not False or checkpoint_path is not None or features_only or out_indices is not None:
+        from .backbone import finish  # timm's create_model options
+
+        return finish(model, name, pretrained=pretrained, checkpoint_path=checkpoint_path,
+                      features_only=features_only, out_indices=out_indices)
+    return model

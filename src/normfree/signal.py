@@ -837,68 +837,19 @@ def compare_models(names: Sequence[str], *, batch: Optional[int] = None, resolut
                    chunk_size: Optional[int] = None, seed: int = 0, depth: Optional[int] = None,
                    width: Optional[float] = None, grads: bool = False, nf_gain: Optional[float] = 1.0,
                    **options) -> Tuple[Dict[str, SignalStats], Dict[str, List[float]]]:
-    """Build each registered model ``name`` with weights seeded by ``seed`` and
-    measure it on N(0, 1) noise (batch, in_chans, resolution, resolution) drawn from ``seed``.
+    """Build each registered model ``name`` (``depth``, ``width`` and method
+    ``**options`` as for ``create_model``) with weights seeded by ``seed`` and
+    measure it on N(0, 1) noise (batch, in_chans, resolution, resolution) drawn
+    from ``seed``. NF models are drawn with their SkipInit gain at ``nf_gain``
+    (default 1, the paper's SPP convention; labelled ``"nf_wrn (gain 1)"``).
+    Returns ({label: stats}, {label: predicted variances}); see
+    :func:`normfree.factory.compare_specs` (which also takes foreign models) for
+    the defaults and the details."""
+    from .factory import compare_specs  # model building lives there; measuring needs no registry
 
-    NF models (``nf``, ``nf_he``) are built with their SkipInit gain at ``nf_gain``
-    (default 1, as the SPPs of Brock et al. 2021 are drawn; the registered init is 0,
-    as for training in DeepMind's nf_resnet.py, and makes every NF block but the
-    transitions the identity at initialization); their label says so:
-    ``"nf_wrn (gain 1)"``. ``nf_gain=None``, or a ``gain_init=`` option, builds
-    them as registered.
-
-    Defaults: batch 256 at 32x32 for CIFAR-style ``wrn`` models; batch 8 at
-    128x128 for the ImageNet-style ``resnetNN`` (stride 32: at 32x32 their last
-    stages would be 1x1 and 2x2, where zero padding hides most of a 3x3 conv).
-    Returns ({name: stats}, {name: predict_variance(model, v0=...)}) with v0 the
-    measured variance of the first block's input, or 1 for NF models (the NF
-    design: the stem gives unit variance, ``expected_std = 1`` in nf_resnet.py;
-    the max-pool of the resnetNN stem leaves channel means that its measured
-    variance, ~0.36, does not show but the ReLU pre-activation passes on);
-    each stats carries ``input_shape``, ``nf_gain`` (the gain an NF model was drawn
-    with, else None) and, with ``grads=True``, ``grads``: the
-    :func:`measure_gradients` of the cross-entropy for random labels.
-    """
-    from .models import create_model  # names only; measure_signal itself needs no registry
-
-    if not names:
-        raise ValueError("give at least one model name (see `normfree models`)")
-    for k, v in (("batch", batch), ("resolution", resolution), ("in_chans", in_chans)):
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
-    if nf_gain is not None and not (isinstance(nf_gain, (int, float)) and math.isfinite(nf_gain)):
-        raise ValueError(f"nf_gain must be a finite number or None, got {nf_gain!r}")
-    results, predictions = {}, {}
-    for name in names:
-        opts, label, gain = dict(options), name, None
-        if nf_gain is not None and not {"gain_init", "gain"} & set(options) and _is_nf(name):
-            gain = opts["gain_init"] = float(nf_gain)
-            label = f"{name} (gain {nf_gain:g})"
-        torch.manual_seed(seed)
-        model = create_model(name, depth=depth, width=width, in_chans=in_chans, **opts)
-        imagenet = getattr(getattr(model, "arch", None), "stem", "cifar") == "imagenet"
-        shape = (batch or (8 if imagenet else 256), in_chans, resolution or (128 if imagenet else 32),
-                 resolution or (128 if imagenet else 32))
-        stats = measure_signal(model, shape, chunk_size=chunk_size, seed=seed)
-        stats.input_shape = shape
-        stats.nf_gain = gain  # the SkipInit gain this NF model was drawn with (None: as registered)
-        if grads:
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(shape, generator=g)
-            y = torch.randint(0, model.num_classes, (shape[0],), generator=g)
-            stats.grads = measure_gradients(model, x, y, chunk_size=chunk_size)
-        label = label if label not in results else f"{label}#{len(results)}"
-        results[label] = stats
-        nf = getattr(getattr(model, "scheme", None), "nf_alpha", None) is not None
-        predictions[label] = predict_variance(model, v0=1.0 if nf else stats.input_var)
-    return results, predictions
-
-
-def _is_nf(name: str) -> bool:
-    from .models import parse_model_name
-    from .schemes import SCHEMES
-
-    return SCHEMES[parse_model_name(name)[0]].nf_alpha is not None
+    return compare_specs([(name, None) for name in names], batch=batch, resolution=resolution,
+                         in_chans=in_chans, chunk_size=chunk_size, seed=seed, depth=depth, width=width,
+                         grads=grads, nf_gain=nf_gain, options=options)
 
 
 def format_table(results: Dict[str, Sequence[BlockStats]], predictions=None) -> str:
