@@ -4,8 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+comma := ,
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench mutate clean
 
 $(BIN)/normfree: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +22,17 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# the fast loop: everything but the tests marked slow (distributed, benchmarks, depth 1000)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# mutation testing (not part of CI; about an hour on 2 cores): a score per module, see tests/README.md.
+# MODULES=agc,layers limits it to some modules.
+MUTMUT ?= mutmut==3.8.1
+mutate: setup
+	$(BIN)/pip install -q $(MUTMUT)
+	nice -n 15 $(BIN)/python tests/mutate.py $(subst $(comma), ,$(MODULES))
 
 bench: setup
 	$(BIN)/python benchmarks/bench_methods.py

@@ -136,13 +136,8 @@ def _loss(model, x, y):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def small_model(seed=0):
-    torch.manual_seed(seed)
-    return normfree.create_model("nf_wrn", depth=10, width=1, num_classes=3, in_chans=1)
-
-
-def test_classifier_excluded_for_normfree_resnet():
-    model = small_model()
+def test_classifier_excluded_for_normfree_resnet(tiny_model):
+    model = tiny_model("nf_wrn", num_classes=3, in_chans=1)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
     _loss(model, x, y).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -196,9 +191,9 @@ def train(model, opt, sched, steps, seed):
         sched.step()
 
 
-def test_scheduler_and_checkpoint_resume_exactly():
+def test_scheduler_and_checkpoint_resume_exactly(tiny_model):
     def fresh():
-        model = small_model()
+        model = tiny_model("nf_wrn", num_classes=3, in_chans=1)
         inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
         opt = AGC(inner, model=model)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
@@ -223,8 +218,8 @@ def test_scheduler_and_checkpoint_resume_exactly():
         assert torch.equal(a, b), n
 
 
-def test_step_is_clip_then_inner_step():
-    model_a, model_b = small_model(), small_model()
+def test_step_is_clip_then_inner_step(tiny_model):
+    model_a, model_b = tiny_model("nf_wrn", num_classes=3, in_chans=1), tiny_model("nf_wrn", num_classes=3, in_chans=1)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
     for m in (model_a, model_b):
         _loss(m, x, y).backward()
@@ -236,8 +231,8 @@ def test_step_is_clip_then_inner_step():
         assert torch.equal(a, b)
 
 
-def test_grad_scaler_clips_unscaled_gradients():
-    model_a, model_b = small_model(), small_model()
+def test_grad_scaler_clips_unscaled_gradients(tiny_model):
+    model_a, model_b = tiny_model("nf_wrn", num_classes=3, in_chans=1), tiny_model("nf_wrn", num_classes=3, in_chans=1)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
     opt_a = AGC(torch.optim.SGD(model_a.parameters(), lr=0.5), model=model_a)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)

@@ -62,12 +62,36 @@ def test_resnet_stage_depths_and_block_counts():
     assert len(blocks_of(small("none_wrn", depth=28))) == 12
 
 
-def test_wrn_depth_1000_builds_and_runs():
+@pytest.mark.slow
+def test_wrn_depth_1000_builds_and_runs(perturb):
+    """SkipInit at depth 1000: exactly the identity at init (gain 0) apart from the
+    two projections; with the gain at 1/sqrt(L) the variance grows as predicted,
+    (1 + 1/L)^L ~ e, instead of 2^L, and the signal still reaches the classifier."""
+    torch.manual_seed(0)
     model = normfree.create_model("skipinit_wrn", depth=1000, width=1, num_classes=10, in_chans=3)
-    assert len(blocks_of(model)) == 498
+    blocks = blocks_of(model)
+    assert len(blocks) == 498
+    x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
+        h = model.stem(x)
+        for b in blocks[:40]:  # the first stage: identities
+            out = b(h)
+            assert torch.equal(out, h) if b.shortcut is None else torch.equal(out, b.shortcut(b.pre(h)))
+            h = out
+    from normfree.signal import measure_signal, predict_variance
+    torch.manual_seed(0)
+    model = normfree.create_model("skipinit_wrn", depth=1000, width=1, num_classes=10, gain_init="1/sqrt(d)")
+    assert [b.gain.gain.item() for b in blocks_of(model)] == pytest.approx([498 ** -0.5] * 498)
+    stats = measure_signal(model, (8, 3, 8, 8), residual=False)
+    pred = predict_variance(model, v0=stats.input_var + stats.input_mean_sq)
+    assert pred[-1] == pytest.approx((stats.input_var + stats.input_mean_sq) * (1 + 1 / 498) ** 498)
+    second = [r.var + r.mean_sq for r in stats]
+    assert 0.3 < second[-1] / pred[-1] < 3, (second[-1], pred[-1])
+    assert all(math.isfinite(v) and v > 0.1 for v in second)
+    with torch.no_grad():
+        perturb(model.fc, 0.1)
         out = model(torch.randn(2, 3, 8, 8))
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(out).all() and (out[0] - out[1]).abs().max() > 1e-4
 
 
 def test_small_single_channel_inputs():
@@ -170,9 +194,9 @@ def test_rescale_coefficients_follow_the_official_code():
 
 
 @pytest.mark.parametrize("method", BATCH_FREE)
-def test_batch_independence(method):
+def test_batch_independence(method, perturb):
     torch.manual_seed(0)
-    model = small(f"{method}_wrn", gain_init=0.5) if method == "skipinit" else small(f"{method}_wrn")
+    model = perturb(small(f"{method}_wrn"), 0.1, seed=1)  # zero classifiers / gains would give equal zeros
     x = torch.randn(6, 3, 16, 16)
     for train in (True, False):
         model.train(train)
@@ -180,9 +204,106 @@ def test_batch_independence(method):
             full = model(x)
             alone = model(x[:1])
             shuffled = model(torch.cat([x[:1], torch.randn(5, 3, 16, 16) * 5]))
+        # the outputs are not trivially equal: they differ from sample to sample
+        assert (full - full[:1]).abs().amax() > 1e-4 * full.abs().amax() > 0
         torch.testing.assert_close(alone[0], full[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(shuffled[0], full[0], rtol=1e-4, atol=1e-5)
-        assert full.abs().sum() > 0 or method in ("skipinit", "fixup")
+
+
+# --------------------------------------------------------------------------
+# every method's forward pass against the formula, step by step (issue 18)
+# --------------------------------------------------------------------------
+RELU_GAMMA = math.sqrt(2.0 / (1.0 - 1.0 / math.pi))  # Var(gamma relu(z)) = 1 for z ~ N(0, 1)
+# method -> (a_l, s_l) of y = a_l skip + s_l g f(x) [+ b] for block l = 1..L, from the papers (g: the
+# learnable gain where the method has one, else 1); written out here, not read from the blocks
+FORMULA = {
+    "nf": lambda l, L: (1.0, 0.2),
+    "nf_he": lambda l, L: (1.0, 0.2),
+    "rescale": lambda l, L: (math.sqrt(1.0 - 1.0 / (l + L - 1)), math.sqrt(1.0 / (l + L - 1))),
+    "balduzzi": lambda l, L: (1.0 / math.sqrt(2.0), 1.0 / math.sqrt(2.0)),
+    "szegedy": lambda l, L: (1.0, 0.2),
+    "hanin": lambda l, L: (1.0, 0.9 ** l),
+}
+WITH_GAIN = {"skipinit", "fixup", "nf", "nf_he", "rescale"}
+KNOWN = {"bn", "relubn", "gn", "ln", "in", "none", "skipinit", "fixup", "nf", "nf_he", "rescale", "balduzzi",
+         "szegedy", "hanin", "arpit", "lsuv", "wn", "cwn", "selu"}
+
+
+def test_every_method_has_its_formula_here():
+    """A new method must say here what its block computes (FORMULA: a_l, s_l; WITH_GAIN)."""
+    assert set(SCHEMES) == KNOWN, set(SCHEMES) ^ KNOWN
+
+
+def reference_block(b, x, method, l, L, var):
+    """The block's output from its layers, with the method's constants from FORMULA
+    (NF: h = relu(x) gamma / sqrt(var), var the expected variance tracked here)."""
+    from normfree.blocks import PoolPadShortcut
+    nf = method in ("nf", "nf_he")
+    a, s = FORMULA.get(method, lambda l, L: (1.0, 1.0))(l, L)
+    h = b.pre(x)
+    if nf:
+        h = h * (RELU_GAMMA / math.sqrt(var))
+    if b.shortcut is None:
+        skip = x
+    else:
+        skip = b.shortcut(x) if isinstance(b.shortcut, PoolPadShortcut) else b.shortcut(h)
+    f = b.convs[0](h)
+    for mid, conv in zip(b.mids, b.convs[1:]):
+        u = mid(f)
+        f = conv(u * RELU_GAMMA if nf else u)
+    assert (b.gain is not None) == (method in WITH_GAIN)
+    g = b.gain.gain if method in WITH_GAIN else 1.0
+    r = s * g * f
+    if method == "fixup":
+        r = r + b.out_bias.bias
+    return a * skip + r
+
+
+@pytest.mark.parametrize("method", sorted(SCHEMES))
+def test_step_by_step_forward_of_every_method(method, tiny_model):
+    """y = a_l skip + s_l g f(x) [+ b], computed here from the block's layers and the
+    papers' constants, equals the block's output (folded and unfolded paths), with
+    every weight, gain and bias moved off its initialization."""
+    from normfree.blocks import unfolded
+    model = tiny_model(f"{method}_wrn", depth=16, perturb=0.1).eval()
+    blocks = blocks_of(model)
+    L = len(blocks)
+    assert L == 6
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        h = model.stem(x)
+        var = 1.0
+        for l, b in enumerate(blocks, start=1):
+            want = reference_block(b, h, method, l, L, var)
+            got = b(h)
+            with unfolded(b):
+                got_unfolded = b(h)
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5 * float(want.abs().max()))
+            torch.testing.assert_close(got_unfolded, want, rtol=2e-5, atol=2e-5 * float(want.abs().max()))
+            var = (1.0 if b.shortcut is not None else var) + 0.2 ** 2  # NF's tracked variance
+            h = got
+
+
+def test_drop_path_drops_whole_samples_with_probability_p_and_rescales(tiny_model):
+    """Stochastic depth in the forward pass: per sample the branch is dropped (y = skip)
+    with probability p or kept and scaled by 1/(1 - p); eval mode keeps it unscaled."""
+    model = tiny_model("nf_wrn", depth=16, drop_path=0.5, perturb=0.1)
+    b = blocks_of(model)[-1]  # p = 0.5 (L - 1) / L
+    p = b.drop_path
+    assert p == pytest.approx(0.5 * 5 / 6)
+    x = torch.randn(400, 64, 2, 2)
+    with torch.no_grad():
+        b.eval()
+        full = b(x)
+        hb = b.preact(x)
+        skip = b.skip(x, hb)
+        b.train()
+        out = b(x)
+    r_full, r_out = (full - skip).flatten(1), (out - skip).flatten(1)
+    dropped = r_out.abs().amax(1) == 0
+    kept = ~dropped
+    assert 0.7 < dropped.float().mean().item() / p < 1.3
+    torch.testing.assert_close(r_out[kept], r_full[kept] / (1 - p), rtol=1e-4, atol=1e-5)
 
 
 def test_bn_in_train_mode_depends_on_the_batch():

@@ -23,11 +23,6 @@ TINY = dict(model="skipinit_wrn", depth=10, width=1, batch_size=32, lr=0.05, max
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory, digits):
     """A 6-step run stopped after 2 steps (checkpoint at step 2)."""
     out = str(tmp_path_factory.mktemp("stopped") / "run")

@@ -1,4 +1,6 @@
 """The trainer: schedules, parameter groups, learning, exact resume, divergence, CLI."""
+import copy
+import importlib
 import json
 import math
 import os
@@ -10,14 +12,8 @@ import torch.nn.functional as F
 
 import normfree
 from normfree.cli import main
-from normfree.data import load_dataset
 from normfree.train import (EXIT_DIVERGED, StepLog, TrainConfig, evaluate, load_checkpoint, lr_factor,
                             param_groups, parse_options, train)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def tiny(**kw):
@@ -72,17 +68,32 @@ def test_param_groups_decay_only_conv_linear_weights(name):
 
 
 def test_evaluate_matches_manual(digits):
+    """evaluate = eval-mode cross-entropy and accuracy over all examples (the last,
+    partial batch included), the model's mode restored whichever it was. A BN model
+    whose running statistics are not the batch's: train mode would give other logits."""
     torch.manual_seed(0)
-    model = normfree.create_model("none_wrn", depth=10, num_classes=10, in_chans=1)
-    x, y = digits.test_x[:50], digits.test_y[:50]
-    loss, acc = evaluate(model, x, y, digits.mean, digits.std, batch_size=16)
-    xb = (x.float() / 255 - digits.mean.view(1, -1, 1, 1)) / digits.std.view(1, -1, 1, 1)
-    model.eval()
+    model = normfree.create_model("bn_wrn", depth=10, num_classes=10, in_chans=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
     with torch.no_grad():
-        logits = model(xb)
-    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
-    assert acc == pytest.approx((logits.argmax(1) == y).float().mean().item())
-    assert model.training is False  # mode restored (it was eval here)
+        model.fc.weight.normal_(0, 0.3)
+    x, y = digits.test_x[:50], digits.test_y[:50]
+    xb = (x.float() / 255 - digits.mean.view(1, -1, 1, 1)) / digits.std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        logits = model.eval()(xb)
+        train_logits = copy.deepcopy(model).train()(xb)  # (a copy: train mode updates running statistics)
+    assert (logits - train_logits).abs().max() > 1e-2  # the mode matters for this model
+    want_loss = F.cross_entropy(logits, y).item()
+    want_acc = (logits.argmax(1) == y).float().mean().item()
+    for mode in (True, False):
+        model.train(mode)
+        loss, acc = evaluate(model, x, y, digits.mean, digits.std, batch_size=16)
+        assert loss == pytest.approx(want_loss, rel=1e-5)
+        assert acc == pytest.approx(want_acc)
+        assert model.training is mode  # mode restored
+        assert all(m.training is mode for m in model.modules())
 
 
 def test_parse_options():
@@ -218,16 +229,90 @@ def test_divergence_is_a_result(digits, tmp_path):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
-def test_amp_channels_last_label_smoothing_fixup_scalars(digits):
-    res = train(tiny(model="fixup_wrn", steps=6, amp=True, channels_last=True, label_smoothing=0.1,
-                     scalar_lr_mult=0.1, schedule="step", warmup_steps=2, nesterov=False), dataset=digits)
+@pytest.fixture
+def spy_optimizer(monkeypatch):
+    """The optimizer the trainer builds (normfree.train.loop.make_optimizer, spied on)."""
+    loop = importlib.import_module("normfree.train.loop")
+    made = []
+
+    def spy(model, cfg, *a, **kw):
+        opt = make(model, cfg, *a, **kw)
+        made.append((opt, {n: p.detach().clone() for n, p in model.named_parameters()}))
+        return opt
+
+    make = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    return made
+
+
+def test_amp_channels_last_label_smoothing_fixup_scalars(digits, spy_optimizer, monkeypatch):
+    """Each option has its effect: bf16 autocast in the training forward, channels_last
+    weights and inputs, the smoothed loss, scalars at lr x scalar_lr_mult, the step
+    schedule after a linear warmup, SGD momentum without Nesterov."""
+    seen = {"ls": set(), "dtypes": set(), "cl_input": set(), "lrs": []}
+    ce = F.cross_entropy
+
+    def spy_ce(*a, **kw):
+        seen["ls"].add(kw.get("label_smoothing", 0.0))
+        return ce(*a, **kw)
+
+    monkeypatch.setattr(F, "cross_entropy", spy_ce)
+
+    def cb(step, model, rec):
+        if step == 1:
+            model.fc.register_forward_hook(lambda m, i, o: seen["dtypes"].add(o.dtype) if m.training else None)
+            model.stem[0].register_forward_pre_hook(
+                lambda m, i: seen["cl_input"].add(i[0].is_contiguous(memory_format=torch.channels_last)))
+        opt = spy_optimizer[0][0]
+        seen["lrs"].append({g["name"]: g["lr"] for g in opt.param_groups})
+        assert rec["lr"] == seen["lrs"][-1]["decay"]
+
+    res = train(tiny(model="fixup_wrn", steps=6, log_every=1, amp=True, channels_last=True, label_smoothing=0.1,
+                     scalar_lr_mult=0.1, schedule="step", warmup_steps=2, nesterov=False, lr=0.05),
+                dataset=digits, callback=cb)
     assert res.status == "ok" and math.isfinite(res.final_train_loss) and 0 <= res.test_acc <= 1
+    assert seen["dtypes"] == {torch.bfloat16}                  # amp: the training forward runs in bf16
+    assert seen["cl_input"] == {True}                          # channels_last inputs ...
+    convs = [m for m in res.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)  # ... and weights
+    assert 0.1 in seen["ls"]                                   # the training loss is smoothed
+    # warmup (step + 1) / 2 for steps 0, 1; then x 0.1 at 50% and 75% of the 6 steps
+    factors = [0.5, 1.0, 1.0, 0.1, 0.1, 0.01]
+    assert [r["decay"] for r in seen["lrs"]] == pytest.approx([0.05 * f for f in factors])
+    assert [r["scalar"] for r in seen["lrs"]] == pytest.approx([0.005 * f for f in factors])
+    opt = spy_optimizer[0][0]
+    assert isinstance(opt, torch.optim.SGD) and all(g["nesterov"] is False and g["momentum"] == 0.9
+                                                   for g in opt.param_groups)
 
 
-def test_agc_option(digits):
-    pytest.importorskip("normfree.agc")
-    res = train(tiny(model="nf_wrn", steps=6, agc=0.01), dataset=digits)
-    assert res.status == "ok" and math.isfinite(res.final_train_loss)
+def _unit_norms(t):
+    return t.reshape(t.shape[0], -1).norm(dim=1) if t.dim() > 1 and t[0].numel() > 1 else t.reshape(1, -1).norm(dim=1)
+
+
+@pytest.mark.parametrize("agc", [0.01, None])
+def test_agc_option(digits, spy_optimizer, agc):
+    """With agc=lambda the optimizer clips every unit's update (plain SGD, lr = 1) to
+    lambda max(||W_i||, 1e-3), all but the classifier's; without it, updates are larger."""
+    from normfree.agc import AGC
+    res = train(tiny(model="nf_wrn", steps=1, log_every=1, agc=agc, lr=1.0, momentum=0.0, weight_decay=0.0,
+                     schedule="constant"), dataset=digits)
+    assert res.status == "ok"
+    opt, before = spy_optimizer[0]
+    assert isinstance(opt, AGC) == (agc is not None)
+    after = dict(res.model.named_parameters())
+    ratios, fc_ratios = [], []
+    for name, w0 in before.items():
+        step = (after[name].detach() - w0)
+        bound = 1.0 * 0.01 * _unit_norms(w0).clamp(min=1e-3)
+        r = (_unit_norms(step) / bound).max().item()
+        (fc_ratios if name.startswith("fc.") else ratios).append(r)
+    if agc is not None:
+        assert opt.clipping == agc and {id(p) for p in opt.excluded} == {id(p) for p in res.model.fc.parameters()}
+        assert max(ratios) <= 1 + 1e-4          # every unit's step within the bound ...
+        assert max(ratios) > 0.999              # ... and some at it: clipped
+        assert max(fc_ratios) > 1.5             # the classifier is not clipped
+    else:
+        assert max(ratios) > 1.5                # the same step without AGC exceeds the bound
 
 
 # ---------------------------------------------------------------- CLI
@@ -301,6 +386,43 @@ def test_divergence_reports_the_first_non_finite_step(digits):
     losses = [h for h in res.history if h["kind"] == "train"]
     assert losses == []  # no log point was reached: it was noticed at the step itself
     assert res.steps == res.diverged_step <= 5 and math.isfinite(res.last_finite_loss)
+
+
+def test_no_checkpoint_is_written_from_non_finite_weights(digits, tmp_path, capsys):
+    """The weights break in the last step of the first epoch, the loss is still finite:
+    the epoch-end checkpoint must not be written (the finite-weights guard)."""
+    out = str(tmp_path / "w")
+
+    def poison(step, model, rec):
+        if step == 8:
+            with torch.no_grad():
+                model.stem[0].weight.fill_(float("inf"))
+
+    res = train(tiny(epochs=2, out=out), dataset=digits, callback=poison)
+    assert res.status == "diverged" and res.diverged_step == 8
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+    assert not any(f.endswith(".safetensors") for f in os.listdir(out))
+    assert "no checkpoint written" in capsys.readouterr().err
+
+
+def test_cli_ctrl_c_exits_130_with_a_checkpoint_to_resume(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of a run: exit status 128 + SIGINT, the message, a checkpoint."""
+    loop = importlib.import_module("normfree.train.loop")
+    after_step = loop.Trainer.after_step
+
+    def ctrl_c_after_step_2(self):
+        after_step(self)
+        if self.step == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises between two steps
+
+    monkeypatch.setattr(loop.Trainer, "after_step", ctrl_c_after_step_2)
+    out = str(tmp_path / "c")
+    rc = main(["train", "--model", "skipinit_wrn", "--depth", "10", "--batch-size", "32", "--max-train-examples",
+               "128", "--max-test-examples", "32", "--steps", "6", "--no-progress", "--out", out])
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("normfree train: interrupted")
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 2
 
 
 def test_weights_broken_by_the_last_step_are_named(digits, capsys):

@@ -1,0 +1,188 @@
+"""Mutation testing of the modules where a wrong line changes results (``make mutate``).
+
+Runs mutmut 3 once per module, each in its own copy of the working tree under
+``runs/mutate/<module>`` (so the runs are independent and resumable: mutmut
+keeps its results in that copy's ``mutants/`` and re-tests only what changed),
+with a narrow test selection per module so that one mutant takes seconds, and
+prints the score per module:
+
+    killed / (killed + survived + timeout + no tests + suspicious)
+
+A mutant "survives" when every selected test still passes with it; tests/README.md
+lists the survivors that are equivalent (no behaviour can tell them apart).
+
+    python tests/mutate.py                 # every module below
+    python tests/mutate.py agc layers      # some of them
+    python tests/mutate.py --list          # the modules and their tests
+    python tests/mutate.py --survivors agc # re-print the survivors of a finished run
+
+Not part of CI (about an hour on 2 cores for all modules). ``make mutate`` runs it
+under ``nice -n 15`` with one mutant at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# module -> (source file, pytest arguments selecting the tests that exercise it)
+MODULES = {
+    "schemes": ("src/normfree/schemes.py", [
+        "tests/test_models.py", "-k", "bad_input or numeric or unknown_option or skipinit_gain or docs "
+        "or batch_independence or step_by_step",
+        "tests/test_methods.py", "-k", "options_are_validated or scaling_factors"]),
+    "blocks": ("src/normfree/blocks.py", [
+        "tests/test_models.py", "-k", "step_by_step or fixup_initialization or skipinit_blocks or groupnorm "
+        "or stochastic_depth or shortcut or stem or nf_has or rescale_coefficients or drop_path",
+        "tests/test_fold.py", "-k", "reference_path or folded_scalars or bias_folding"]),
+    "layers": ("src/normfree/layers.py", [
+        "tests/test_layers.py", "tests/test_properties.py", "-k", "not measure_signal",
+        "tests/test_fold.py", "-k", "fused_ws or conv_in_bias or pool_pad or folded_scalars"]),
+    "agc": ("src/normfree/agc.py", ["tests/test_agc.py", "tests/test_properties.py", "-k", "agc or AGC"]),
+    "signal_stats": ("src/normfree/signal.py", [
+        "tests/test_signal.py", "-k", "direct_computation or chunked or predictions_follow",
+        "tests/test_properties.py", "-k", "measure_signal",
+        "tests/test_models.py", "-k", "step_by_step"]),
+    "optim": ("src/normfree/train/optim.py", [
+        "tests/test_train.py", "-k", "lr_schedules or param_groups or scalar or agc_option or amp_channels"]),
+    "checkpoint": ("src/normfree/train/checkpoint.py", [
+        "tests/test_resume.py", "tests/test_train.py", "-k", "resume or divergence or checkpoint"]),
+}
+# the study's verdict rules, once normfree/study/verdicts.py exists
+if (ROOT / "src/normfree/study/verdicts.py").exists():
+    MODULES["verdicts"] = ("src/normfree/study/verdicts.py", ["tests/test_study.py"])
+
+WORK = ROOT / "runs" / "mutate"
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout"}
+
+
+def _selection(args):
+    """pytest arguments -> the list mutmut passes to pytest (the -k expressions joined)."""
+    files, ks = [], []
+    i = 0
+    while i < len(args):
+        if args[i] == "-k":
+            ks.append(args[i + 1])
+            i += 2
+        else:
+            files.append(args[i])
+            i += 1
+    return files, ks
+
+
+def _config(source: str, tests) -> str:
+    files, ks = _selection(tests)
+    sel = list(files)
+    if ks:
+        sel += ["-k", " or ".join(f"({k})" for k in ks)]
+    return ("\n[tool.mutmut]\n"
+            f"source_paths = [\"src/\"]\n"
+            f"only_mutate = [{json.dumps(source)}]\n"
+            f"pytest_add_cli_args_test_selection = {json.dumps(sel)}\n"
+            "pytest_add_cli_args = [\"-q\", \"-x\", \"-p\", \"no:cacheprovider\"]\n"
+            "process_isolation = \"forkserver\"\n"
+            "use_git_change_detection = false\n"
+            "timeout_multiplier = 20.0\n"
+            "timeout_constant = 15.0\n")
+
+
+def _copy_tree(dest: Path) -> None:
+    """The working tree's files that git knows of (tracked + untracked, not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.split(b"\0")
+    for name in listed:
+        if not name:
+            continue
+        rel = Path(os.fsdecode(name))
+        src = ROOT / rel
+        if not src.is_file() or rel.parts[0] in ("runs", "mutants"):
+            continue
+        out = dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not out.exists() or out.read_bytes() != src.read_bytes():
+            shutil.copy2(src, out)
+
+
+def _stats(where: Path, source: str):
+    meta = where / "mutants" / (source + ".meta")
+    if not meta.exists():
+        return None
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    counts = {}
+    survivors = []
+    for key, code in codes.items():
+        status = "not checked" if code is None else STATUS.get(code, "suspicious")
+        counts[status] = counts.get(status, 0) + 1
+        if status == "survived":
+            survivors.append(key)
+    return counts, sorted(survivors)
+
+
+def run(name: str, max_children: int) -> dict:
+    source, tests = MODULES[name]
+    where = WORK / name
+    where.mkdir(parents=True, exist_ok=True)
+    _copy_tree(where)
+    with open(where / "pyproject.toml", "a") as f:
+        f.write(_config(source, tests))
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
+    log = where / "mutmut.log"
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=where, stdout=f, stderr=subprocess.STDOUT).returncode
+    return {"module": name, "source": source, "rc": rc, "seconds": round(time.time() - t0), "log": str(log)}
+
+
+def report(name: str) -> None:
+    source, _ = MODULES[name]
+    got = _stats(WORK / name, source)
+    if got is None:
+        print(f"{name:14s} not measured (no results in {WORK / name})")
+        return
+    counts, survivors = got
+    killed = counts.get("killed", 0)
+    tested = sum(v for k, v in counts.items() if k not in ("skipped", "not checked"))
+    score = 100.0 * killed / tested if tested else float("nan")
+    rest = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "killed")
+    print(f"{name:14s} {source:36s} {killed:4d}/{tested:<4d} killed = {score:5.1f}%   ({rest})")
+    return survivors
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("modules", nargs="*", help=f"default: all of {list(MODULES)}")
+    p.add_argument("--list", action="store_true", help="print the modules and their test selections")
+    p.add_argument("--survivors", action="store_true", help="only report (and list survivors of) finished runs")
+    p.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
+    a = p.parse_args(argv)
+    bad = [m for m in a.modules if m not in MODULES]
+    if bad:
+        p.error(f"unknown module(s) {bad}; allowed: {list(MODULES)}")
+    names = a.modules or list(MODULES)
+    if a.list:
+        for n in names:
+            print(f"{n:14s} {MODULES[n][0]:36s} pytest {' '.join(MODULES[n][1])}")
+        return 0
+    if not a.survivors:
+        for n in names:
+            r = run(n, a.max_children)
+            print(f"# {n}: mutmut exited {r['rc']} after {r['seconds']} s (log: {r['log']})", flush=True)
+    print(f"\nmutation score per module ({time.strftime('%Y-%m-%d')}):")
+    for n in names:
+        survivors = report(n)
+        if a.survivors and survivors:
+            for s in survivors:
+                print(f"    survived: {s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
