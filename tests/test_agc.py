@@ -256,3 +256,25 @@ def test_bad_arguments():
         AGC([p])
     with pytest.raises(ValueError, match="model="):
         AGC(torch.optim.SGD([p], lr=0.1), exclude=["fc"])
+
+
+def test_zero_grad_add_param_group_and_pickling_are_the_wrapped_optimizers():
+    """zero_grad passes set_to_none through; a group added later is clipped too; a
+    pickled / deep-copied AGC keeps lambda, eps and what it leaves out."""
+    import pickle
+    a, b = nn.Linear(3, 4), nn.Linear(4, 2)
+    opt = AGC(torch.optim.SGD(a.parameters(), lr=0.0), clipping=1e-3, eps=0.5, exclude=[a.bias])
+    a(torch.randn(5, 3)).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert a.weight.grad is not None and torch.count_nonzero(a.weight.grad) == 0
+    opt.zero_grad(set_to_none=True)
+    assert a.weight.grad is None
+    opt.add_param_group({"params": list(b.parameters())})
+    assert len(opt.param_groups) == 2 and opt.optimizer.param_groups[1]["params"][0] is b.weight
+    b(torch.randn(5, 4)).pow(2).sum().backward()
+    opt.step()
+    bound = 1e-3 * b.weight.detach().norm(dim=1).clamp(min=0.5)
+    assert torch.all(b.weight.grad.norm(dim=1) <= bound * (1 + 1e-5))  # the new group was clipped
+    for other in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        assert (other.clipping, other.eps, len(other.excluded)) == (1e-3, 0.5, 1)
+        assert isinstance(other.optimizer, torch.optim.SGD) and len(other.param_groups) == 2

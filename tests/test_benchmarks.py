@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` skips these in the fast loop
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 

@@ -18,6 +18,8 @@ import normfree
 from normfree.data import load_dataset
 from normfree.train import TrainConfig, load_checkpoint, train
 
+pytestmark = pytest.mark.slow  # `pytest -m "not slow"` skips these in the fast loop
+
 dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("torch.distributed with the gloo backend is not available in this build", allow_module_level=True)

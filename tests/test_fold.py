@@ -449,6 +449,7 @@ def test_cache_keeps_the_folded_and_the_reference_weights_of_a_block():
     torch.testing.assert_close(ref, folded, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_switch_benchmark_runs_every_switch_both_ways(capsys):
     """benchmarks/bench_switches.py (smoke run): one row per switch and method."""
     import importlib.util

@@ -315,6 +315,31 @@ def test_agc_option(digits, spy_optimizer, agc):
         assert max(ratios) > 1.5                # the same step without AGC exceeds the bound
 
 
+def test_model_and_optimizer_options_reach_the_run(digits, spy_optimizer):
+    """Options by their effect on what the run builds: per-block drop-path rates linear in
+    depth (p l / L), dropout before the classifier, AdamW with its betas and weight decay on
+    conv/linear weights only, AGC's lambda and eps, the step schedule's milestones and gamma."""
+    from normfree.agc import AGC
+    lrs = []
+    res = train(tiny(model="nf_wrn", steps=4, log_every=1, drop_path=0.2, dropout=0.3, optimizer="adamw", lr=1e-3,
+                     betas=(0.8, 0.95), weight_decay=1e-3, agc=0.02, agc_eps=0.01, schedule="step",
+                     milestones=(0.25, 0.5), lr_gamma=0.5, warmup_steps=0),
+                dataset=digits, callback=lambda step, model, rec: lrs.append(rec["lr"]))
+    assert res.status == "ok"
+    rates = [b.drop_path for b in res.model.blocks]
+    L = len(rates)
+    assert rates == pytest.approx([0.2 * i / L for i in range(L)]) and rates[-1] > 0.1
+    assert isinstance(res.model.dropout, torch.nn.Dropout) and res.model.dropout.p == 0.3
+    opt = spy_optimizer[0][0]
+    assert isinstance(opt, AGC) and (opt.clipping, opt.eps) == (0.02, 0.01)
+    inner = opt.optimizer
+    assert isinstance(inner, torch.optim.AdamW)
+    groups = {g["name"]: g for g in inner.param_groups}
+    assert all(tuple(g["betas"]) == (0.8, 0.95) for g in groups.values())
+    assert groups["decay"]["weight_decay"] == 1e-3 and groups["no_decay"]["weight_decay"] == 0.0
+    assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4, 2.5e-4])  # x 0.5 at 25% and at 50% of 4 steps
+
+
 # ---------------------------------------------------------------- CLI
 def test_cli_train_and_exit_codes(tmp_path, capsys):
     out = str(tmp_path / "cli")

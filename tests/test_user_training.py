@@ -359,6 +359,7 @@ def test_ddp_of_a_factory_model_on_user_data_matches_one_process(tmp_path):
     assert max(float((b["model"][k] - init[k]).abs().max()) for k in init) > 1e-3  # and the runs did train
 
 
+@pytest.mark.slow
 def test_bench_user_data_runs_and_prints_the_three_paths(capsys):
     import importlib.util
 
