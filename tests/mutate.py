@@ -40,10 +40,11 @@ MODULES = {
         "tests/test_agc.py", "tests/test_properties.py", "-k", "(agc or AGC) and not scheduler_and_checkpoint"]),
     "schemes": ("src/normfree/schemes.py", [
         "tests/test_models.py", "-k", "bad_input or numeric or unknown_option or skipinit_gain or docs "
-        "or step_by_step or method_options",
+        "or step_by_step or method_options or bounds_include or aliases_regularized",
         "tests/test_methods.py", "-k", "options_are_validated or scaling_factors"]),
     "optim": ("src/normfree/train/optim.py", [
-        "tests/test_train.py", "-k", "lr_schedules or param_groups or fixup_scalars or agc_option or amp_channels"]),
+        "tests/test_train.py", "-k", "lr_schedules or param_groups or fixup_scalars or agc_option or amp_channels "
+        "or schedule_ends or options_reach"]),
     "blocks": ("src/normfree/blocks.py", [
         "tests/test_models.py", "-k", "step_by_step or fixup_initialization or skipinit_blocks or groupnorm "
         "or stochastic_depth or fixup_shortcut or stem_is or nf_has or rescale_coefficients or drop_path_drops "

@@ -569,3 +569,45 @@ def test_resnet_width_bound_and_name_encoded_size_conflicts():
     # the same value twice is not a conflict
     assert normfree.create_model("skipinit_wrn_16_2", depth=16, width=2).arch.widths == (32, 64, 128)
     assert normfree.create_model("nf_resnet50", depth=50, width=0.0625).arch.depths == (3, 4, 6, 3)
+
+
+# --------------------------------------------------------------------------
+# option bounds and defaults of make_scheme (issue 18: mutation survivors)
+# --------------------------------------------------------------------------
+def test_option_bounds_include_their_documented_ends():
+    from normfree.schemes import make_scheme
+    ok = [dict(alpha=10.0), dict(alpha=1e-9), dict(gain_init=100.0), dict(gain_init=-100.0), dict(gain_init=0),
+          dict(dropout=0.0), dict(drop_path=0.999), dict(skip_alpha=10.0), dict(beta=10.0), dict(beta_decay=1.0),
+          dict(beta_decay=1e-9), dict(gain_init="1/sqrt(d)"), dict(alpha=None), dict(gain_init=None)]
+    for kw in ok:
+        make_scheme("nf", **kw)
+    bad = [dict(alpha=10.001), dict(gain_init=100.001), dict(gain_init=-100.001), dict(dropout=1.0),
+           dict(drop_path=1.0), dict(dropout=-1e-9), dict(skip_alpha=10.001), dict(beta_decay=1.001),
+           dict(gain_init=True), dict(dropout=True), dict(skip_alpha=True), dict(skip_alpha=float("inf")),
+           dict(order="act"), dict(conv="sn"), dict(shortcut="pad"), dict(classifier_init="ones"), dict(norm="xn"),
+           dict(init="arpit"), dict(data_init="lsuv2")]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            make_scheme("nf", **kw)
+    assert make_scheme("wn", init="arpit").init == "arpit"  # arpit needs (and has) conv="wn"
+
+
+def test_aliases_regularized_defaults_and_initial_gain():
+    from normfree.schemes import make_scheme
+    s = make_scheme("nf", alpha=0.3, gain=0.5, activation="gelu", beta=0.7)
+    assert (s.nf_alpha, s.gain_init, s.act, s.branch_beta) == (0.3, 0.5, "gelu", 0.7)
+    reg = make_scheme("skipinit", regularized=True)
+    assert reg.conv_bias is True and reg.dropout == 0.2
+    assert make_scheme("skipinit").conv_bias is False and make_scheme("skipinit").dropout == 0.0
+    kept = make_scheme("skipinit", regularized=True, dropout=0.5, conv_bias=False)
+    assert kept.dropout == 0.5 and kept.conv_bias is False
+    assert make_scheme("none").initial_gain(9) is None
+    assert make_scheme("skipinit", gain_init=0.25).initial_gain(9) == 0.25
+    assert make_scheme("skipinit", gain_init="1/sqrt(d)").initial_gain(9) == pytest.approx(1 / 3)
+    assert isinstance(make_scheme("skipinit", gain_init=2).initial_gain(9), float)
+    assert {m for m, s in SCHEMES.items() if s.uses_batch_stats} == {"bn", "relubn", "szegedy"}
+    assert normfree.list_methods() == sorted(SCHEMES)
+    with pytest.raises(ValueError, match=r"unknown method 'nff' \(did you mean 'nf'\?\)"):
+        make_scheme("nff")
+    with pytest.raises(ValueError, match=r"unknown method 'qqqq'; allowed"):  # nothing close: no suggestion
+        make_scheme("qqqq")

@@ -67,6 +67,39 @@ def test_param_groups_decay_only_conv_linear_weights(name):
         assert any(n.endswith(".gain") for n in others)
 
 
+def test_schedule_ends_and_optimizer_construction():
+    """The cosine schedule stays at 0 past its end and needs no step after warmup; the
+    optimizer starts at lr x lr_mult per group, Nesterov only with momentum, AGC leaving
+    out the classifier it finds; frozen parameters are in no group, empty groups dropped."""
+    from normfree.agc import AGC
+    from normfree.train import Schedule, make_optimizer
+    assert lr_factor(120, 100, 10, "cosine") == 0.0          # past the end: not back up
+    assert lr_factor(11, 10, 10, "cosine") == pytest.approx(0.0, abs=1e-12)  # warmup == total: at once 0 after
+    assert lr_factor(10, 10, 10, "cosine") == 1.0
+    assert lr_factor(0, 100, 1, "cosine") == 1.0 and lr_factor(3, 100, 4, "constant") == 1.0
+    assert lr_factor(60, 100, 0, "step", milestones=(0.5,), gamma=0.3) == pytest.approx(0.3)
+    cfg = TrainConfig(lr=0.2, schedule="constant", momentum=0.0, nesterov=True, scalar_lr_mult=0.5)
+    assert not Schedule(cfg, 10, 0).depends_on_length()
+    assert Schedule(TrainConfig(schedule="cosine"), 10, 0).depends_on_length()
+    rec = Schedule(TrainConfig(lr=0.3, schedule="step", milestones=(0.4,), lr_gamma=0.2), 50, 5).record()
+    assert rec == {"lr": 0.3, "schedule": "step", "total_steps": 50, "warmup_steps": 5, "milestones": [0.4],
+                   "lr_gamma": 0.2}
+    torch.manual_seed(0)
+    model = normfree.create_model("skipinit_wrn", depth=10, num_classes=10, in_chans=1)
+    model.stem[0].weight.requires_grad_(False)
+    opt = make_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert all(g["nesterov"] is False for g in groups.values())  # momentum 0: no Nesterov (torch would refuse)
+    assert groups["decay"]["lr"] == 0.2 and groups["scalar"]["lr"] == pytest.approx(0.1)
+    assert not any(p is model.stem[0].weight for g in groups.values() for p in g["params"])
+    opt = make_optimizer(model, TrainConfig(momentum=0.9, nesterov=True, agc=0.05))
+    assert isinstance(opt, AGC) and all(g["nesterov"] is True for g in opt.param_groups)
+    assert {id(p) for p in opt.excluded} == {id(p) for p in model.fc.parameters()}
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 3))
+    names = [g["name"] for g in param_groups(plain, 1e-4, scalar_lr_mult=0.1)]
+    assert names == ["decay", "no_decay"]  # no scalars: no empty "scalar" group
+
+
 def test_evaluate_matches_manual(digits):
     """evaluate = eval-mode cross-entropy and accuracy over all examples (the last,
     partial batch included), the model's mode restored whichever it was. A BN model
