@@ -17,6 +17,7 @@ lists the survivors that are equivalent (no behaviour can tell them apart).
     python tests/mutate.py agc layers      # some of them
     python tests/mutate.py --list          # the modules and their tests
     python tests/mutate.py --survivors agc # re-print the survivors of a finished run
+    python tests/mutate.py --recheck agc   # re-test those survivors against the current tests
 
 Not part of CI (about an hour on 2 cores for all modules). ``make mutate`` runs it
 under ``nice -n 15`` with one mutant at a time.
@@ -128,11 +129,15 @@ def _copy_tree(dest: Path) -> None:
             shutil.copy2(src, out)
 
 
+def _codes(where: Path, source: str) -> dict:
+    return json.loads((where / "mutants" / (source + ".meta")).read_text())["exit_code_by_key"]
+
+
 def _stats(where: Path, source: str):
     meta = where / "mutants" / (source + ".meta")
     if not meta.exists():
         return None
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    codes = _codes(where, source)
     counts = {}
     survivors = []
     for key, code in codes.items():
@@ -143,7 +148,7 @@ def _stats(where: Path, source: str):
     return counts, sorted(survivors)
 
 
-def run(name: str, max_children: int) -> dict:
+def run(name: str, max_children: int, recheck: bool = False) -> dict:
     source, tests, *skip = MODULES[name]
     where = WORK / name
     where.mkdir(parents=True, exist_ok=True)
@@ -152,6 +157,13 @@ def run(name: str, max_children: int) -> dict:
         f.write(_config(source, tests, *skip))
     t0 = time.time()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
+    if recheck:  # the survivors of the last run, against the current tests
+        got = _stats(where, source)
+        survivors = [] if got is None else [k for k, v in _codes(where, source).items()
+                                            if STATUS.get(v, "suspicious") in ("survived", "no tests")]
+        if not survivors:
+            return {"module": name, "source": source, "rc": 0, "seconds": 0, "log": "(nothing to recheck)"}
+        cmd += survivors
     log = where / "mutmut.log"
     env = dict(os.environ, HYPOTHESIS_PROFILE="mutate")  # 10 examples per property test
     with open(log, "w") as f:
@@ -179,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("modules", nargs="*", help=f"default: all of {list(MODULES)}")
     p.add_argument("--list", action="store_true", help="print the modules and their test selections")
     p.add_argument("--survivors", action="store_true", help="only report (and list survivors of) finished runs")
+    p.add_argument("--recheck", action="store_true",
+                   help="re-test only the survivors of the last run (after adding tests; the tree is copied anew)")
     p.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     a = p.parse_args(argv)
     bad = [m for m in a.modules if m not in MODULES]
@@ -191,7 +205,7 @@ def main(argv=None) -> int:
         return 0
     if not a.survivors:
         for n in names:
-            r = run(n, a.max_children)
+            r = run(n, a.max_children, a.recheck)
             print(f"# {n}: mutmut exited {r['rc']} after {r['seconds']} s (log: {r['log']})", flush=True)
     print(f"\nmutation score per module ({time.strftime('%Y-%m-%d')}):")
     for n in names:

@@ -269,12 +269,18 @@ def test_zero_grad_add_param_group_and_pickling_are_the_wrapped_optimizers():
     assert a.weight.grad is not None and torch.count_nonzero(a.weight.grad) == 0
     opt.zero_grad(set_to_none=True)
     assert a.weight.grad is None
+    a(torch.randn(5, 3)).sum().backward()
+    opt.zero_grad()  # torch's default: set_to_none=True
+    assert a.weight.grad is None
     opt.add_param_group({"params": list(b.parameters())})
     assert len(opt.param_groups) == 2 and opt.optimizer.param_groups[1]["params"][0] is b.weight
     b(torch.randn(5, 4)).pow(2).sum().backward()
     opt.step()
     bound = 1e-3 * b.weight.detach().norm(dim=1).clamp(min=0.5)
     assert torch.all(b.weight.grad.norm(dim=1) <= bound * (1 + 1e-5))  # the new group was clipped
+    twin = AGC(torch.optim.SGD([{"params": list(a.parameters())}, {"params": list(b.parameters())}], lr=0.7))
+    twin.load_state_dict(opt.state_dict())  # into the wrapped optimizer
+    assert [g["lr"] for g in twin.optimizer.param_groups] == [0.0, 0.0]
     for other in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
         assert (other.clipping, other.eps, len(other.excluded)) == (1e-3, 0.5, 1)
         assert isinstance(other.optimizer, torch.optim.SGD) and len(other.param_groups) == 2
