@@ -81,15 +81,16 @@ def adaptive_clip_grad_(parameters: ParamsLike, clipping: float = 0.01, eps: flo
 
 
 def default_exclude(model: Optional[nn.Module]) -> List[torch.Tensor]:
-    """Parameters AGC leaves alone by default: the classifier ``model.fc`` of a
-    normfree :class:`~normfree.models.ResNet`; nothing for other models."""
+    """Parameters AGC leaves alone by default: the final classifier of
+    ``model`` as :func:`normfree.factory.find_classifier` finds it
+    (``get_classifier()``, else ``fc`` / ``head`` / ``classifier``; the NFNet
+    authors do not clip the final linear layer); nothing when none is found."""
     if model is None:
         return []
-    from .models import ResNet  # local import: AGC itself works on any nn.Module
+    from .factory import find_classifier  # local import: AGC itself works on any nn.Module
 
-    if isinstance(model, ResNet):
-        return list(model.fc.parameters())
-    return []
+    _, head = find_classifier(model)
+    return list(head.parameters()) if head is not None else []
 
 
 def _resolve_exclude(model: Optional[nn.Module], exclude) -> List[torch.Tensor]:
@@ -132,9 +133,10 @@ class AGC(Optimizer):
 
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
-        model: lets the default ``exclude`` find a normfree ResNet's classifier
-            (``model.fc``; REFERENCE section 5: the classifier is not clipped)
-            and lets ``exclude`` name modules. Other models: nothing is excluded
+        model: lets the default ``exclude`` find the model's classifier
+            (``get_classifier()``, else ``fc`` / ``head`` / ``classifier``: the
+            NFNet authors do not clip the final layer) and lets ``exclude``
+            name modules. A model without one of these: nothing is excluded
             unless asked.
         clipping: lambda (0.01); smaller for larger batches.
         eps: floor on ||W_i|| (1e-3), so zero-initialized weights can move.
