@@ -80,17 +80,27 @@ def adaptive_clip_grad_(parameters: ParamsLike, clipping: float = 0.01, eps: flo
     return clipped if clipped is not None else torch.zeros((), dtype=torch.int64)
 
 
+def classifier_exclude(head: Optional[nn.Module]) -> List[torch.Tensor]:
+    """What AGC leaves alone of a classifier ``head``: its weight only, as the
+    NFNet authors' ``experiment_nfnets.py`` does (the final linear layer's
+    weights go to a group with ``clipping=None``; its bias is clipped with the
+    other gains and biases). A head without a ``weight``: all its parameters."""
+    if head is None:
+        return []
+    weight = getattr(head, "weight", None)
+    return [weight] if isinstance(weight, torch.Tensor) else list(head.parameters())
+
+
 def default_exclude(model: Optional[nn.Module]) -> List[torch.Tensor]:
-    """Parameters AGC leaves alone by default: the final classifier of
-    ``model`` as :func:`normfree.factory.find_classifier` finds it
-    (``get_classifier()``, else ``fc`` / ``head`` / ``classifier``; the NFNet
-    authors do not clip the final linear layer); nothing when none is found."""
+    """Parameters AGC leaves alone by default: the weight of ``model``'s final
+    classifier as :func:`normfree.factory.find_classifier` finds it
+    (``get_classifier()``, else ``fc`` / ``head`` / ``classifier``), see
+    :func:`classifier_exclude`; nothing when none is found."""
     if model is None:
         return []
     from .factory import find_classifier  # local import: AGC itself works on any nn.Module
 
-    _, head = find_classifier(model)
-    return list(head.parameters()) if head is not None else []
+    return classifier_exclude(find_classifier(model)[1])
 
 
 def _resolve_exclude(model: Optional[nn.Module], exclude) -> List[torch.Tensor]:
@@ -134,9 +144,9 @@ class AGC(Optimizer):
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
         model: lets the default ``exclude`` find the model's classifier
-            (``get_classifier()``, else ``fc`` / ``head`` / ``classifier``: the
-            NFNet authors do not clip the final layer) and lets ``exclude``
-            name modules. A model without one of these: nothing is excluded
+            (``get_classifier()``, else ``fc`` / ``head`` / ``classifier``) and
+            leave its weight unclipped (the NFNet authors' rule; its bias is
+            clipped), and lets ``exclude`` name modules. A model without one of these: nothing is excluded
             unless asked.
         clipping: lambda (0.01); smaller for larger batches.
         eps: floor on ||W_i|| (1e-3), so zero-initialized weights can move.
