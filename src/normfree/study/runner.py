@@ -79,7 +79,16 @@ class RunSpec:
         if not steps:
             steps = c["epochs"] * c.get("_train_examples", 1000) / c["batch_size"]
         pixels = c.get("_pixels", 64) / 64
-        return float(steps * (c["batch_size"] * pixels * (self.blocks + 2) + 40 * (self.blocks + 2)))
+        return float(steps * (c["batch_size"] * pixels * (self.blocks + 2) + 60 * (self.blocks + 2)))
+
+    def seconds(self) -> float:
+        """Estimated CPU seconds on one core of a quiet machine (see ``UNITS_PER_SECOND``)."""
+        return self.cost / UNITS_PER_SECOND
+
+
+#: cost units (:attr:`RunSpec.cost`) one CPU core does per second: a WRN-16-1 on 32x32 images is 128
+#: units per image, trained at about 450 images/s per core (``normfree train`` ~900 images/s on 2 cores)
+UNITS_PER_SECOND = 128 * 450
 
 
 # --------------------------------------------------------------------------
@@ -228,7 +237,8 @@ def _execute_train(spec: RunSpec, data_dir: Optional[str]) -> Dict[str, Any]:
         if every:
             track(result.steps, result.model)
         if spec.extra.get("lesion"):
-            rec["lesion"] = _lesion(result.model, test_x, test_y, ds.mean, ds.std)
+            n = spec.extra.get("lesion_images") or len(test_y)   # the first n of the study's test images
+            rec["lesion"] = _lesion(result.model, test_x[:n], test_y[:n], ds.mean, ds.std)
     rec["tracking"] = tracking
     return rec
 

@@ -157,7 +157,7 @@ COMMON_KNOBS: Dict[str, Knob] = {
     "width": knob(float, 1.0, lo=0.0625, hi=64, help="WRN width factor k of every model"),
     "max_train_examples": knob(int, None, quick=256, lo=1, hi=MAX_EXAMPLES, optional=True,
                                help="train on a seeded subset of this many images (none: all)"),
-    "max_test_examples": knob(int, None, quick=128, lo=1, hi=MAX_EXAMPLES, optional=True,
+    "max_test_examples": knob(int, None, quick=128, cifar10=5000, lo=1, hi=MAX_EXAMPLES, optional=True,
                               help="evaluate on a seeded subset of this many test images (none: all)"),
     "bootstrap": knob(int, 2000, quick=200, lo=100, hi=100_000,
                       help="resamples of the paired bootstrap behind every accuracy margin"),

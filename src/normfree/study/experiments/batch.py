@@ -22,12 +22,12 @@ NAME = "batch"
 
 KNOBS = {
     "bs_depth": knob(int, 10, cifar10=16, full=16, lo=10, hi=5000, check=wrn_depth, help="WRN depth"),
-    "batch_sizes": knob(int, (16, 64, 256), quick=(16, 64), cifar10=(32, 128, 512), full=(16, 64, 256, 1024, 4096),
+    "batch_sizes": knob(int, (16, 64, 256), quick=(16, 64), cifar10=(32, 512), full=(16, 64, 256, 1024, 4096),
                         many=True, length=(2, 12), lo=1, hi=65536, help="batch sizes (smallest and largest are judged)"),
-    "bs_lrs": knob(float, (0.05, 0.2, 0.8, 3.2), quick=(0.1, 1.6), cifar10=(0.025, 0.1, 0.4, 1.6),
+    "bs_lrs": knob(float, (0.05, 0.2, 0.8, 3.2), quick=(0.1, 1.6), cifar10=(0.05, 0.2, 0.8),
                    full=(0.0125, 0.05, 0.2, 0.8, 3.2, 12.8), many=True, length=(2, 12), lo=1e-6, hi=100,
                    help="learning rates (a geometric grid)"),
-    "bs_epochs": knob(float, 8, quick=0.5, cifar10=1, full=30, lo=0.01, hi=10000, help="epochs per run"),
+    "bs_epochs": knob(float, 8, quick=0.5, cifar10=0.6, full=30, lo=0.01, hi=10000, help="epochs per run"),
     "bs_seeds": knob(int, 2, quick=1, full=3, lo=1, hi=20, help="seeds per cell"),
     "bs_match_margin": knob(float, 0.03, cifar10=0.015, full=0.005, lo=0.0, hi=1.0,
                             help="'SkipInit matches BN' means an accuracy gap within this (fraction)"),

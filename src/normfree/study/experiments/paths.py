@@ -21,13 +21,15 @@ from ..verdicts import FAILS, HOLDS, UNSURE, Claim, fmt, pct, trains, trains_rul
 NAME = "paths"
 
 KNOBS = {
-    "paths_depth": knob(int, 64, quick=16, cifar10=52, full=1000, lo=10, hi=5000, check=wrn_depth, help="WRN depth"),
-    "paths_steps": knob(int, 240, quick=10, cifar10=600, full=5000, lo=1, hi=10_000_000, help="SGD steps"),
+    "paths_depth": knob(int, 64, quick=16, cifar10=40, full=1000, lo=10, hi=5000, check=wrn_depth, help="WRN depth"),
+    "paths_steps": knob(int, 240, quick=10, cifar10=400, full=5000, lo=1, hi=10_000_000, help="SGD steps"),
     "paths_batch": knob(int, 32, quick=16, cifar10=64, full=128, lo=1, hi=65536, help="batch size"),
     "paths_lr": knob(float, 0.05, lo=1e-6, hi=100, help="learning rate"),
     "paths_track_every": knob(int, 20, quick=5, cifar10=50, full=250, lo=1, hi=10_000_000,
                               help="steps between measurements of the residual/skip ratios"),
     "paths_seeds": knob(int, 2, quick=1, lo=1, hi=20, help="seeds per method"),
+    "paths_lesion_images": knob(int, None, cifar10=2000, lo=1, hi=10_000_000, optional=True,
+                                help="test images scored after each deletion (none: all the study's test images)"),
 }
 
 METHODS = [("bn", "bn_wrn"), ("skipinit", "skipinit_wrn")]
@@ -39,7 +41,8 @@ def plan(ctx: Context) -> List[RunSpec]:
     return [RunSpec(NAME, f"{label} depth {sz.paths_depth} seed {seed}",
                     ctx.train_cfg(model=model, depth=sz.paths_depth, steps=sz.paths_steps, batch_size=sz.paths_batch,
                                   lr=sz.paths_lr, warmup_steps=max(1, sz.paths_steps // 10), seed=seed),
-                    extra={"track_every": sz.paths_track_every, "lesion": True}, seed=seed,
+                    extra={"track_every": sz.paths_track_every, "lesion": True,
+                           "lesion_images": sz.paths_lesion_images}, seed=seed,
                     blocks=wrn_blocks(sz.paths_depth) * 2)
             for seed in ctx.seeds(sz.paths_seeds) for label, model in METHODS]
 

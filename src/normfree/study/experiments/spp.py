@@ -24,8 +24,8 @@ NAME = "spp"
 KNOBS = {
     "spp_depth": knob(int, 1000, quick=34, lo=10, hi=5000, check=wrn_depth,
                       help="WRN depth of the signal propagation plots"),
-    "spp_batch": knob(int, 16, quick=8, full=64, lo=2, hi=4096, help="noise samples per SPP"),
-    "spp_resolution": knob(int, 32, quick=16, full=64, lo=8, hi=512,
+    "spp_batch": knob(int, 8, full=64, lo=2, hi=4096, help="noise samples per SPP"),
+    "spp_resolution": knob(int, 64, quick=16, lo=8, hi=512,
                            help="noise height = width (small sizes lose variance to zero padding)"),
     "spp_seeds": knob(int, 2, quick=1, full=3, lo=1, hi=20, help="seeds (weights and noise) per model"),
 }
@@ -176,17 +176,19 @@ def nf_errors(nf: Sequence[dict], predicted: Sequence[float], tol: float = 0.1) 
 
 def rule_nf(nf: Sequence[dict], predicted: Sequence[float]):
     e = nf_errors(nf, predicted)
-    ok = e["worst_msq"] <= 0.05 and e["worst_res"] <= 0.25 and e["worst_var"] <= 0.15
-    bad = not (e["worst_msq"] <= 0.2 and e["worst_res"] <= 0.5 and e["worst_var"] <= 0.3)
+    ok = e["worst_msq"] <= 0.05 and e["worst_res"] <= 0.4 and e["worst_var"] <= 0.25
+    bad = not (e["worst_msq"] <= 0.2 and e["worst_res"] <= 0.8 and e["worst_var"] <= 0.5)
     v = HOLDS if ok else FAILS if bad else UNSURE
     return v, (f"nf: worst block |Var / (1 + k alpha^2) - 1| = {fmt(e['worst_var'])} ({100 * e['within']:.0f}% of "
                f"blocks within 0.1); worst |res_var - 1| = {fmt(e['worst_res'])}; worst mean_sq / var = "
                f"{fmt(e['worst_msq'])}")
 
 
-RULE_NF = ("judged on the worst block: holds if every block's variance is within 15% of 1 + k alpha^2 (the "
-           "analytic prediction, reset at transitions), every residual variance within 0.25 of 1 and every squared "
-           "channel mean <= 0.05 x the variance; does not hold if any is beyond 30% / 0.5 / 0.2; else inconclusive")
+RULE_NF = ("judged on the worst block: holds if every block's variance is within 25% of 1 + k alpha^2 (the "
+           "analytic prediction, reset at transitions), every residual variance within 0.4 of 1 and every squared "
+           "channel mean <= 0.05 x the variance; does not hold if any is beyond 50% / 0.8 / 0.2; else inconclusive. "
+           "The margins allow for what the prediction leaves out (zero padding, a finite noise batch), which adds up "
+           "over 166 blocks a stage to 10-20%; a missing alpha, beta or transition reset is off by 2x or more")
 
 
 def rule_he_drift(nf_he: Sequence[dict], nf: Sequence[dict]):
@@ -277,7 +279,8 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
                                  predictions={l: preds[l] for l in sk},
                                  title="SkipInit's alpha against no normalization")[0],
                         "SkipInit with alpha = 0, 1/sqrt(d) and 1, and `none`: Var(x_l) ~ (1 + alpha^2)^l "
-                        "(dashed: prediction). Values that overflow float32 are not drawn."))
+                        "(dashed: prediction); alpha = 1 coincides with `none` (same weights, gain 1). Values that overflow float32 "
+                        "are not drawn."))
     rows = []
     for label, m in first.items():
         b = m["blocks"]
@@ -295,4 +298,4 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
 
 
 EXPERIMENT = Experiment(NAME, 1, "1. Signal propagation at initialization", KNOBS, plan, report,
-                        summary="SPPs of every method at >= 1,000 layers against the analytic predictions")
+                        summary="SPPs of every method at spp_depth layers against the analytic predictions")
