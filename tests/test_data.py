@@ -148,7 +148,7 @@ def test_idx_truncated_gzip_names_file(tmp_path):
     bad = os.path.join(folder, "train-images-idx3-ubyte.gz")
     blob = open(bad, "rb").read()
     open(bad, "wb").write(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz.*corrupt or truncated"):
+    with pytest.raises(ValueError, match="cannot read .*train-images-idx3-ubyte.gz: corrupt or truncated"):
         load_dataset("mnist", str(tmp_path))
 
 
@@ -157,10 +157,10 @@ def test_idx_truncated_data_names_file(tmp_path):
     folder = write_idx(tmp_path / "mnist", arrays, gz=False)
     bad = os.path.join(folder, "t10k-images-idx3-ubyte")
     open(bad, "wb").write(idx_bytes(arrays["t10k-images-idx3-ubyte"])[:-100])
-    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: truncated or corrupt idx file"):
+    with pytest.raises(ValueError, match=r"cannot read .*t10k-images-idx3-ubyte: truncated or corrupt idx file"):
         load_dataset("mnist", str(tmp_path))
     open(bad, "wb").write(b"\x89PNG not idx")
-    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte: not an idx file"):
+    with pytest.raises(ValueError, match="cannot read .*t10k-images-idx3-ubyte: not an idx file"):
         load_dataset("mnist", str(tmp_path))
 
 
@@ -220,7 +220,7 @@ def test_cifar10_truncated_and_missing(tmp_path):
     bad = os.path.join(folder, "data_batch_3")
     blob = open(bad, "rb").read()
     open(bad, "wb").write(blob[:200])
-    with pytest.raises(ValueError, match="data_batch_3: not a readable CIFAR-10 batch"):
+    with pytest.raises(ValueError, match="cannot read .*data_batch_3: not a CIFAR-10 batch"):
         load_dataset("cifar10", str(tmp_path))
     os.remove(os.path.join(folder, "test_batch"))
     with pytest.raises(FileNotFoundError, match="incomplete: missing .*test_batch"):
@@ -237,7 +237,7 @@ def test_cifar10_pickle_cannot_run_code(tmp_path, monkeypatch):
     folder = write_cifar(tmp_path / "cifar-10-batches-py", fake_cifar())
     with open(os.path.join(folder, "data_batch_1"), "wb") as fh:
         pickle.dump({b"data": _Evil(), b"labels": []}, fh)
-    with pytest.raises(ValueError, match=r"data_batch_1: .*refusing to load global .*system"):
+    with pytest.raises(ValueError, match=r"cannot read .*data_batch_1: .*refusing to load global .*system"):
         load_dataset("cifar10", str(tmp_path))
     assert not os.path.exists(tmp_path / "pwned")
 
@@ -336,10 +336,10 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no test/ folder"):
         load_dataset("folder", str(tmp_path))
     write_images(tmp_path / "test", size=(7, 7))
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match=r"image_size= \(CLI: --image-size\)"):
         load_dataset("folder", str(tmp_path))
     (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(ValueError, match="broken.png: cannot decode image"):
+    with pytest.raises(ValueError, match="cannot read .*broken.png: not a decodable image"):
         load_dataset("folder", str(tmp_path), image_size=6)
     with pytest.raises(ValueError, match="needs data_dir"):
         load_dataset("folder")

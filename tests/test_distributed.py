@@ -6,6 +6,7 @@ augmentation draws), DDP averages the two half-batch gradients, which equals
 the full-batch gradient; only the float summation order differs, so the
 weights agree to ~1e-6, not bitwise (hence allclose with a small tolerance).
 """
+import json
 import os
 import subprocess
 import sys
@@ -58,3 +59,14 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         if v.is_floating_point():
             moved = max(moved, float((v - init[k]).abs().max()))
     assert moved > 1e-2  # training moved the weights far more than the DDP/single difference
+
+    # the logged training loss and accuracy are the global batch's (averaged over
+    # the ranks), not rank 0's half: they equal the single process's
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    ddp = [(r["step"], r["loss"], r["acc"]) for r in logged if r["kind"] == "train"]
+    one = [(r["step"], r["loss"], r["acc"]) for r in single.history if r["kind"] == "train"]
+    assert [s for s, _, _ in ddp] == [s for s, _, _ in one] == [3, 6]
+    for (_, dl, da), (_, sl, sa) in zip(ddp, one):
+        assert dl == pytest.approx(sl, rel=1e-4) and da == pytest.approx(sa, abs=1e-6)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["final_train_loss"] == pytest.approx(single.final_train_loss, rel=1e-4)

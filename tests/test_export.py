@@ -68,7 +68,7 @@ def test_export_and_load_errors_name_the_bad_input(tmp_path, capsys):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["export", str(tmp_path)]) == 2
-    assert "is not a readable normfree checkpoint" in capsys.readouterr().err
+    assert f"cannot read {bad}: not a checkpoint file" in capsys.readouterr().err
     torch.save({"weights": torch.zeros(2)}, str(bad))  # a real torch file, but not ours
-    with pytest.raises(ValueError, match="not a readable normfree checkpoint"):
+    with pytest.raises(ValueError, match="not a normfree checkpoint"):
         load_checkpoint(str(bad))

@@ -196,6 +196,7 @@ def test_spp_draws_nf_with_skip_gain_one():
 def test_default_preset_tests_the_paper_depth():
     size = study_size("default")
     assert size.deep_depth >= 1000 and size.spp_depth >= 1000
+    assert size.depth_seeds >= 3
     assert min(size.depth_seeds, size.spp_seeds, size.bs_seeds, size.budget_seeds, size.paths_seeds,
                size.agc_seeds) >= 2
     for preset in PRESET_NAMES:
@@ -253,6 +254,10 @@ def test_bad_study_arguments(tmp_path, capsys):
     fails(["--plan", "--max-train-examples", "0"], "max_train_examples = 0 is out of range")
     fails(["--plan", "--device", "tpu"], "device must be cpu, cuda")
     assert not os.path.exists(tmp_path / "o")  # nothing written
+    (tmp_path / "file").write_text("mine")
+    assert cli.main(["study", "--quick", "--out", str(tmp_path / "file")]) == 2
+    assert "--out must be a directory, not a file" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         run_study("huge", str(tmp_path))
     assert cli.main(["study", "--sizes"]) == 0
@@ -432,13 +437,18 @@ def _run(loss=0.3, acc=0.9, status="ok", n=200, seed=0, correct=None):
 DIVERGED = dict(status="diverged")
 
 
+GOOD = {"skipinit a=0": _run(), "none": _run(**DIVERGED), "skipinit a=1": _run(**DIVERGED)}
+
+
 @pytest.mark.parametrize("runs, verdict", [
-    ({"bn": _run(), "skipinit a=0": _run(), "none": _run(**DIVERGED), "skipinit a=1": _run(**DIVERGED)}, HOLDS),
-    ({"bn": _run(), "skipinit a=0": _run(loss=2.2), "none": _run(**DIVERGED), "skipinit a=1": _run(**DIVERGED)},
-     FAILS),
-    ({"bn": _run(), "skipinit a=0": _run(), "none": _run(), "skipinit a=1": _run(**DIVERGED)}, FAILS),
-    ({"bn": _run(loss=2.3), "skipinit a=0": _run(), "none": _run(**DIVERGED), "skipinit a=1": _run(**DIVERGED)},
-     UNSURE),
+    (GOOD, HOLDS),
+    ({**GOOD, "skipinit a=0": _run(loss=2.2)}, UNSURE),                     # nothing trained: budget too small?
+    ({**GOOD, "none": _run()}, FAILS),                                      # an unnormalized network trains
+    ({**GOOD, "skipinit a=1": _run(loss=1.0)}, FAILS),
+    ({**GOOD, "skipinit a=0": _run(loss=2.2), "none": _run()}, FAILS),
+    ({**GOOD, "bn": _run()}, HOLDS),                                        # with the BN control
+    ({**GOOD, "bn": _run(loss=2.3)}, UNSURE),                               # the control did not train
+    ({**GOOD, "bn": _run(), "skipinit a=0": _run(loss=2.2)}, FAILS),        # BN trains, SkipInit does not
 ])
 def test_rule_depth(runs, verdict):
     v, m = depth.rule(runs, 10)
@@ -447,14 +457,16 @@ def test_rule_depth(runs, verdict):
 
 
 def test_depth_claim_over_seeds():
-    good = {"bn": _run(), "skipinit a=0": _run(), "none": _run(**DIVERGED), "skipinit a=1": _run(**DIVERGED)}
-    bad = {**good, "skipinit a=0": _run(loss=2.0)}
-    c = depth.judge({0: good, 1: good, 2: good}, 10, 1000)
+    bad = {**GOOD, "skipinit a=1": _run(loss=1.0)}
+    c = depth.judge({0: GOOD, 1: GOOD, 2: GOOD}, 10, 1000)
     assert c.verdict == HOLDS and c.agreement == "holds in 3 of 3 seeds"
-    assert "skipinit a=0 trains in 3 of 3" in c.measured
-    c = depth.judge({0: good, 1: bad, 2: good}, 10, 1000)
-    assert c.verdict == UNSURE and "skipinit a=0 trains in 2 of 3" in c.measured
+    assert "skipinit a=0 trains in 3 of 3" in c.measured and "BN" not in c.claim
+    c = depth.judge({0: GOOD, 1: bad, 2: GOOD}, 10, 1000)
+    assert c.verdict == UNSURE and "skipinit a=1 trains in 1 of 3" in c.measured
     assert [v for _, v, _ in c.per_seed] == [HOLDS, FAILS, HOLDS]
+    with_bn = {**GOOD, "bn": _run()}
+    c = depth.judge({0: with_bn, 1: with_bn}, 10, 1000)
+    assert c.verdict == HOLDS and "and with BN" in c.claim and "bn trains in 2 of 2" in c.measured
 
 
 LRS = (0.05, 0.2, 0.8, 3.2)
@@ -705,7 +717,7 @@ def test_killing_the_study_stops_its_workers(tmp_path, signame):
         code = proc.wait(timeout=120)
         if signame != "SIGKILL":
             err = proc.stderr.read()
-            assert code == 130 and "interrupted" in err, err
+            assert code == 128 + getattr(signal, signame) and "interrupted" in err, err
         deadline = time.time() + 30
         while time.time() < deadline and any(_alive(p) for p in workers):
             time.sleep(0.2)

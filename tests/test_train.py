@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import normfree
 from normfree.cli import main
-from normfree.data import Batches, load_dataset
-from normfree.train import (EXIT_DIVERGED, TrainConfig, evaluate, load_checkpoint, lr_factor, param_groups,
-                            parse_options, train)
+from normfree.data import load_dataset
+from normfree.train import (EXIT_DIVERGED, StepLog, TrainConfig, evaluate, load_checkpoint, lr_factor,
+                            param_groups, parse_options, train)
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +138,8 @@ def _interrupt_by_callback(at):
     return cb
 
 
-def _sigint_during_step(at):
-    """A callback that, from the first log on, delivers a real SIGINT in the middle of
+def _signal_during_step(at, signum=signal.SIGINT):
+    """A callback that, from the first log on, delivers a real signal in the middle of
     the ``at``-th training forward pass after it (so during a step, not between steps)."""
     state = {"n": 0, "hook": None}
 
@@ -147,7 +147,7 @@ def _sigint_during_step(at):
         if mod.training:
             state["n"] += 1
             if state["n"] == at:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signum)
 
     def cb(step, model, rec):
         if state["hook"] is None:
@@ -155,7 +155,8 @@ def _sigint_during_step(at):
     return cb
 
 
-@pytest.mark.parametrize("variant", ["callback_mid_epoch", "sigint_during_step", "stop_after_epoch_adamw"])
+@pytest.mark.parametrize("variant", ["callback_mid_epoch", "sigint_during_step", "sigterm_during_step",
+                                     "stop_after_epoch_adamw"])
 def test_interrupted_and_resumed_run_is_exact(digits, tmp_path, variant):
     opts = dict(steps=20, model_options={"drop_path": 0.2, "dropout": 0.3})  # RNG state matters
     if variant.endswith("adamw"):
@@ -166,10 +167,12 @@ def test_interrupted_and_resumed_run_is_exact(digits, tmp_path, variant):
         with pytest.raises(KeyboardInterrupt):
             train(tiny(**opts, out=out), dataset=digits, callback=_interrupt_by_callback(12))
         expect = 12
-    elif variant == "sigint_during_step":
+    elif variant.endswith("during_step"):
         # hook installed at the step-4 log; its 7th forward is in step 11, which completes first
-        with pytest.raises(KeyboardInterrupt):
-            train(tiny(**opts, out=out), dataset=digits, callback=_sigint_during_step(7))
+        signum = signal.SIGTERM if variant.startswith("sigterm") else signal.SIGINT
+        with pytest.raises(KeyboardInterrupt) as e:
+            train(tiny(**opts, out=out), dataset=digits, callback=_signal_during_step(7, signum))
+        assert e.value.signum == signum  # normfree train exits with 128 + signum
         expect = 11
     else:
         r = train(tiny(**opts, out=out, stop_after_steps=8), dataset=digits)
@@ -236,7 +239,9 @@ def test_cli_train_and_exit_codes(tmp_path, capsys):
     assert "status ok" in capsys.readouterr().out
     cfg = json.load(open(os.path.join(out, "config.json")))["config"]
     assert cfg["model_options"] == {"drop_path": 0.1} and cfg["steps"] == 3
-    assert main(["train", "--steps", "6", "--out", out, "--resume", "--no-progress"]) == 0  # extends the run
+    assert main(["train", "--steps", "6", "--out", out, "--resume", "--no-progress"]) == 2  # schedule would change
+    assert "--reschedule" in capsys.readouterr().err
+    assert main(["train", "--steps", "6", "--out", out, "--resume", "--reschedule", "--no-progress"]) == 0
     assert json.load(open(os.path.join(out, "config.json")))["config"]["model_options"] == {"drop_path": 0.1}
     assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 6
     assert main(common + ["--steps", "3", "--out", out]) == 2                     # would overwrite
@@ -246,3 +251,82 @@ def test_cli_train_and_exit_codes(tmp_path, capsys):
                                                           "--out", div]) == EXIT_DIVERGED
     assert json.load(open(os.path.join(div, "summary.json")))["status"] == "diverged"
     assert "diverged at step" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- Fixup's scalar learning rate (issue 12, item 4)
+def _effective_scalar_lrs(digits, **kw):
+    """Measure, for every scalar parameter with a gradient, the learning rate
+    its plain-SGD update of step 2 used: -(w2 - w1) / grad2. (At step 1 the
+    zero-initialized classifier of Fixup and SkipInit passes no gradient back.)"""
+    cfg = tiny(steps=2, log_every=1, momentum=0.0, schedule="constant", lr=0.05, **kw)
+    before, measured = {}, {}
+
+    def after_step(step, model, rec):
+        groups = {g["name"]: g for g in param_groups(model, 0.0)}
+        scalars = {n: p for n, p in model.named_parameters() if any(p is q for q in groups["scalar"]["params"])}
+        if step == 1:
+            before.update({n: p.detach().clone() for n, p in scalars.items()})
+            return
+        for n, p in scalars.items():
+            if p.grad is not None and float(p.grad.abs().max()) > 1e-6:
+                measured[n] = float(-(p.detach() - before[n]).sum() / p.grad.sum())
+
+    train(cfg, dataset=digits, callback=after_step)
+    assert len(measured) >= 3, measured
+    return measured
+
+
+def test_fixup_scalars_train_at_a_tenth_of_the_learning_rate(digits):
+    default = _effective_scalar_lrs(digits, model="fixup_wrn")
+    assert default == pytest.approx({k: 0.005 for k in default}, rel=1e-4)      # base / 10
+    overridden = _effective_scalar_lrs(digits, model="fixup_wrn", scalar_lr_mult=1.0)
+    assert overridden == pytest.approx({k: 0.05 for k in overridden}, rel=1e-4)  # --scalar-lr-mult 1
+    others = _effective_scalar_lrs(digits, model="skipinit_wrn")                  # not Fixup: base lr
+    assert others == pytest.approx({k: 0.05 for k in others}, rel=1e-4)
+
+
+def test_cli_scalar_lr_mult_default_and_override(tmp_path):
+    common = ["train", "--model", "fixup_wrn", "--depth", "10", "--batch-size", "32", "--max-train-examples", "64",
+              "--max-test-examples", "32", "--steps", "1", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    assert main(common + ["--scalar-lr-mult", "0.5", "--out", str(tmp_path / "b")]) == 0
+    assert json.load(open(tmp_path / "a" / "config.json"))["scalar_lr_mult"] == 0.1
+    assert json.load(open(tmp_path / "b" / "config.json"))["scalar_lr_mult"] == 0.5
+
+
+# ---------------------------------------------------------------- divergence: the first bad step
+def test_divergence_reports_the_first_non_finite_step(digits):
+    res = train(tiny(model="none_wrn", lr=1e6, steps=40, log_every=50), dataset=digits)
+    assert res.status == "diverged"
+    losses = [h for h in res.history if h["kind"] == "train"]
+    assert losses == []  # no log point was reached: it was noticed at the step itself
+    assert res.steps == res.diverged_step <= 5 and math.isfinite(res.last_finite_loss)
+
+
+def test_weights_broken_by_the_last_step_are_named(digits, capsys):
+    """All losses finite, but the weights are not after the last step: the run
+    is diverged at that step, and says it was the weights."""
+    def poison(step, model, rec):
+        with torch.no_grad():
+            model.fc.weight.fill_(float("inf"))
+
+    res = train(tiny(steps=1, log_every=1), dataset=digits, callback=poison)
+    assert res.status == "diverged" and res.diverged_step == 1 and res.steps == 1
+    assert math.isfinite(res.last_finite_loss)
+    assert "diverged at step 1: the weights became NaN/Inf in that step's update" in capsys.readouterr().err
+
+
+def test_step_log_finds_the_first_bad_step_and_grows():
+    log = StepLog(torch.device("cpu"), capacity=2)
+    for v in (1.0, 2.0, float("nan"), 3.0, float("inf")):
+        log.record(torch.tensor(v), torch.tensor(0.5))
+    assert log.n == 5 and log.first_nonfinite() == 2
+    log.checked = 3
+    assert log.first_nonfinite() == 4
+    ok = StepLog(torch.device("cpu"), capacity=1)
+    for v in range(1, 6):
+        ok.record(torch.tensor(float(v)), torch.tensor(1.0))
+    assert ok.first_nonfinite() is None and ok.checked == 5
+    assert ok.tail(0.4) == (4.5, 1.0) and ok.mean(0, 5) == (3.0, 1.0)
+    ok.reduce(lambda t: t * 0 + 7)  # a "mean over processes" replaces the unreduced steps
+    assert ok.mean(0, 5) == (7.0, 7.0) and ok.reduced == 5

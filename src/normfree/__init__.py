@@ -2,6 +2,8 @@
 tools to see why they train (signal propagation at initialization)."""
 from .agc import AGC, adaptive_clip_grad_, unitwise_norm
 from .blocks import ResidualBlock, unfolded
+from .convert import convert
+from .converted import BranchGain, ConvertedBlock, SkipGain
 from .fold import export_model, fold_model
 from .data import DATASETS, Batches, Dataset, load_dataset
 from .layers import (ACTIVATIONS, PUBLISHED_GAMMAS, RELU_GAMMA, Conv2d, ScalarBias, ScalarGain,

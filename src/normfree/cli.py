@@ -7,9 +7,108 @@ package imports this module.
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
+import signal
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
+
+#: what the user sees for an OSError, by errno: "<problem>: <path>"
+OS_PROBLEMS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system or limit",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "not a directory (a part of the path is a file)",
+    errno.EISDIR: "is a directory",
+    errno.EEXIST: "already exists",
+    errno.ENOENT: "no such file or directory",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.EIO: "input/output error",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files in the system",
+    errno.EBUSY: "device or resource busy",
+    errno.ENODEV: "no such device",
+    errno.ENXIO: "no such device or address",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: the problem in words and the path it concerns."""
+    problem = OS_PROBLEMS.get(e.errno)
+    custom = e.strerror and e.errno is not None and e.strerror != os.strerror(e.errno)
+    if problem is None or custom:
+        problem = e.strerror or str(e)
+    if e.errno is None and not e.filename:
+        return str(e)  # an error raised with a message of its own
+    where = f": {e.filename}" if e.filename else ""
+    if getattr(e, "filename2", None):
+        where += f" -> {e.filename2}"
+    kept = " (the previous version of that file is kept)" if getattr(e, "previous_kept", False) else ""
+    return f"{problem}{where}{kept}"
+
+
+def describe_error(e: BaseException) -> Optional[str]:
+    """The one-line message for an error a user can cause (bad input, a file
+    that cannot be read or written, memory), None for anything else (a bug:
+    let it show its traceback)."""
+    from .train import RunDirBusy
+
+    if isinstance(e, OSError):
+        return describe_os_error(e)
+    if isinstance(e, (ValueError, TypeError, RunDirBusy)):
+        return str(e)
+    if isinstance(e, MemoryError):
+        return f"out of memory{': ' + str(e) if str(e) else ''}; try a smaller batch, model or input"
+    if isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower()):
+        first = str(e).strip().splitlines()[0]
+        return f"out of memory ({first[:200]}); try a smaller batch, model or input"
+    return None
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text!r}")
+        return v
+    return parse
+
+
+def float_in(lo: float, hi: float) -> Callable[[str], float]:
+    """argparse type: a finite number in (lo, hi] (NaN and Inf refused)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not (math.isfinite(v) and lo < v <= hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number in ({lo:g}, {hi:g}], got {text!r}")
+        return v
+    return parse
+
+
+def prepare_output(path: str) -> str:
+    """Create the folder of output file ``path`` and check it can be written
+    there, before any long work; returns ``path``."""
+    from .atomic import check_writable
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a directory: give a file name inside it", path)
+    folder = os.path.dirname(path) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+    os.makedirs(folder, exist_ok=True)
+    check_writable(folder)
+    return path
 
 
 def add_models(sub) -> None:
@@ -42,15 +141,18 @@ def add_train(sub) -> None:
                     "config.json, summary.json and checkpoint.pt are written inside --out. The model's "
                     "input channels and classes follow the data. Under `torchrun --nproc_per_node=N` "
                     "the same command runs DistributedDataParallel (--batch-size stays global).",
-        epilog=f"exit status: 0 ok (or stopped by --stop-after-steps), 2 bad input, {EXIT_DIVERGED} "
-               f"diverged (NaN/Inf loss; the last good checkpoint is kept), {EXIT_INTERRUPTED} "
-               f"interrupted (Ctrl-C; checkpoint written, continue with --resume).")
+        epilog=f"exit status: 0 ok (or stopped by --stop-after-steps), 2 bad input or a file that cannot be "
+               f"read or written, {EXIT_DIVERGED} diverged (NaN/Inf loss; the last good checkpoint is kept), "
+               f"{EXIT_INTERRUPTED} interrupted by Ctrl-C, 143 by SIGTERM (checkpoint written, continue with "
+               f"--resume). --out must be new or empty, or the run to continue; it is locked while a run uses it.")
     add_arguments(p)
 
     def run(args) -> int:
         from .train import config_from_args, train
 
-        result = train(config_from_args(args))
+        config = config_from_args(args)
+        with sigterm_interrupts():
+            result = train(config)
         if os.environ.get("RANK", "0") == "0":  # under torchrun: the summary once
             print(result.format())
         return EXIT_DIVERGED if result.status == "diverged" else 0
@@ -69,6 +171,9 @@ def add_data(sub) -> None:
                    help="where the files are or go (default ~/.cache/normfree; Fashion-MNIST is also "
                         "looked for in /usr/share/datasets/fashion-mnist)")
     p.add_argument("--download", action="store_true", help="fetch missing files from the official URLs")
+    p.add_argument("--image-size", type=int_in(1, 4096), default=None, metavar="SIZE",
+                   help="folder data set: resize every image to SIZE x SIZE (default: all images must "
+                        "have one size)")
 
     def run(args) -> int:
         from .data import DATASETS, load_dataset
@@ -77,7 +182,7 @@ def add_data(sub) -> None:
             for name, text in DATASETS.items():
                 print(f"{name:14s} {text}")
             return 0
-        print(load_dataset(args.name, args.data_dir, args.download).summary())
+        print(load_dataset(args.name, args.data_dir, args.download, image_size=args.image_size).summary())
         return 0
 
     p.set_defaults(func=run)
@@ -91,14 +196,15 @@ def add_spp(sub) -> None:
                                    "OUT_paths (.png, .svg): residual-to-skip ratios and path lengths.")
     p.add_argument("--model", required=True, help="model name, e.g. nf_resnet50 or nf_wrn (see `normfree models`)")
     p.add_argument("--compare", nargs="*", default=[], metavar="NAME", help="more models on the same figure")
-    p.add_argument("--depth", type=int, default=None, help="WRN depth 6n+4 (default 16)")
-    p.add_argument("--width", type=float, default=None, help="WRN width k / ResNet channel multiplier")
-    p.add_argument("--batch", type=int, default=None, help="noise samples (default 256 for wrn, 8 for resnetNN)")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--depth", type=int_in(1, 20_000), default=None, help="WRN depth 6n+4 (default 16)")
+    p.add_argument("--width", type=float_in(0, 100), default=None, help="WRN width k / ResNet channel multiplier")
+    p.add_argument("--batch", type=int_in(1, 65536), default=None,
+                   help="noise samples (default 256 for wrn, 8 for resnetNN)")
+    p.add_argument("--resolution", type=int_in(1, 4096), default=None,
                    help="input height = width (default 32 for wrn, 128 for resnetNN)")
-    p.add_argument("--in-chans", type=int, default=3, help="input channels (default 3)")
-    p.add_argument("--chunk", type=int, default=None, help="samples per forward pass (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the noise")
+    p.add_argument("--in-chans", type=int_in(1, 4096), default=3, help="input channels (default 3)")
+    p.add_argument("--chunk", type=int_in(1, 65536), default=None, help="samples per forward pass (default: auto)")
+    p.add_argument("--seed", type=int_in(0, 2 ** 62 - 1), default=0, help="seed of the weights and of the noise")
     p.add_argument("--out", default="spp.png", help="figure path; .csv and .json are written beside it")
     p.add_argument("--grads", action="store_true",
                    help="also measure per-block gradient norms (cross-entropy, random labels): OUT_grads")
@@ -106,10 +212,19 @@ def add_spp(sub) -> None:
     def run(args) -> int:
         import os
 
+        from .models import parse_model_name
         from .plots import plot_gradients, plot_paths, plot_spp
         from .signal import compare_models, format_table, write_csv, write_json
 
         names = [args.model] + list(args.compare)
+        for name in names:  # every name and size checked before the first model is measured
+            _, _, size = parse_model_name(name)
+            for key in ("depth", "width"):
+                given = getattr(args, key)
+                if key in size and given is not None and given != size[key]:
+                    raise ValueError(f"model {name!r} says {key} {size[key]}, but --{key} {given:g} was also "
+                                     f"given: give the {key} once")
+        prepare_output(args.out if args.out.lower().endswith((".png", ".svg")) else args.out + ".png")
         results, preds = compare_models(names, batch=args.batch, resolution=args.resolution,
                                         in_chans=args.in_chans, chunk_size=args.chunk, seed=args.seed,
                                         depth=args.depth, width=args.width, grads=args.grads)
@@ -212,7 +327,7 @@ def add_export(sub) -> None:
                     "OUT with the suffix .json.")
     p.add_argument("checkpoint", help="checkpoint.pt, or the run directory (--out of normfree train) holding it")
     p.add_argument("--out", default=None, help="output file (default: model.pt2 beside the checkpoint)")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+    p.add_argument("--size", type=int_in(1, 4096), nargs=2, default=None, metavar=("H", "W"),
                    help="input height and width (default: the training data's, stored in the checkpoint)")
     p.add_argument("--no-fold", action="store_true", help="export the model as it is, without folding")
 
@@ -229,13 +344,14 @@ def add_export(sub) -> None:
         model = model_from_checkpoint(ckpt)
         info = dict(ckpt["input"] or {})
         if args.size:
-            if min(args.size) < 1:
-                raise ValueError(f"--size must be positive, got {args.size}")
             info["shape"] = [model.in_chans] + list(args.size)
         if "shape" not in info:
             raise ValueError("this checkpoint does not record its input size: give --size H W")
-        run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
-        out = args.out or os.path.join(run_dir, "model.pt2")
+        run_dir = os.path.dirname(ckpt["path"])
+        out = prepare_output(args.out or os.path.join(run_dir, "model.pt2"))
+        note = unfinished_run_note(ckpt)
+        if note:
+            print(f"normfree export: note: {note}", file=sys.stderr)
         example = torch.randn(2, *info["shape"], generator=torch.Generator().manual_seed(0))
         result = export_model(model, example, out, fold=not args.no_fold)
         meta = {"model": ckpt["config"]["model"], "step": ckpt["step"], "folded": result["folded"],
@@ -250,7 +366,56 @@ def add_export(sub) -> None:
     p.set_defaults(func=run)
 
 
+def unfinished_run_note(ckpt) -> Optional[str]:
+    """Why the checkpoint may not be what the user expects to export: a run
+    that did not finish (killed, interrupted, stopped) or that diverged."""
+    import json
+
+    where = os.path.dirname(ckpt["path"])
+    step, total = ckpt.get("step"), ckpt.get("total_steps")
+    try:
+        with open(os.path.join(where, "summary.json")) as f:
+            status = json.load(f).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "diverged":
+        return (f"the run in {where} diverged; this is its last good checkpoint (step {step} of {total})")
+    if isinstance(step, int) and isinstance(total, int) and 0 <= step < total:
+        why = "it was stopped early" if status == "stopped" else "it was interrupted or is still running"
+        return f"the run in {where} did not finish: the checkpoint is from step {step} of {total} ({why})"
+    if status is None:
+        return f"the run in {where} has no readable summary.json: it may not have finished"
+    return None
+
+
+class sigterm_interrupts:
+    """While active, SIGTERM raises :class:`normfree.train.Interrupted` like
+    Ctrl-C raises KeyboardInterrupt, so ``finally`` blocks and checkpoints run."""
+
+    def __enter__(self):
+        from .train import Interrupted
+
+        def handler(signum, frame):
+            raise Interrupted(signum)
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
 COMMANDS = [add_models, add_train, add_data, add_spp, add_study, add_export]
+
+
+def _version() -> str:
+    from . import __version__  # the one version: pyproject.toml reads it from normfree/__init__.py
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                "CPU training steps then reuse their activation memory instead of paging it in anew "
                "(ResNet-50 at batch 64: ~30% faster on a 2-core VM). Set NORMFREE_SYSTEM_MALLOC=1 to keep "
                "the C library's default settings.")
+    parser.add_argument("--version", action="version", version=f"normfree {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -279,13 +445,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_from_environment()  # the process is ours: keep freed activation memory for the next step
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        # mistakes we detect ourselves: one clear line, no traceback
-        print(f"normfree {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        how = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+        print(f"normfree {args.command}: interrupted{how}", file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        # what a user can cause (bad input, unwritable or unreadable files, memory): one line, status 2
+        message = describe_error(e)
+        if message is None:
+            raise  # a bug: keep the traceback
+        print(f"normfree {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"normfree {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ batching with augmentation done by tensor ops on whole batches.
 Data sets (``load_dataset(name, data_dir, download)``, names in ``DATASETS``):
 
 * ``digits`` (default): scikit-learn's 8x8 handwritten digits (1,797 real
-  images, 10 classes), shipped inside scikit-learn, so it needs no download.
+  images, 10 classes), shipped inside normfree (``normfree/resources/digits.npz``,
+  45 KB; source and license in ``resources/README.md``), so it needs no download.
   Fixed split: a seed-0 permutation, the first 1,437 images train, the last
   360 test. Pixels 0..16 are mapped to uint8 as round(v * 255 / 16).
 * ``mnist`` / ``fashion_mnist``: the original idx files
@@ -31,8 +32,10 @@ batches of one uninterrupted single-process run.
 from __future__ import annotations
 
 import difflib
+import errno
 import gzip
 import hashlib
+import importlib.resources
 import math
 import os
 import pickle
@@ -42,7 +45,6 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -80,6 +82,25 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+#: the largest idx payload read (MNIST's biggest file holds 47 MB): a header
+#: asking for more is refused before anything is read or allocated
+MAX_IDX_BYTES = 2 ** 33
+#: the largest image side that ``image_size`` may ask for
+MAX_IMAGE_SIZE = 4096
+
+
+class UnreadableFile(ValueError):
+    """A data file that cannot be decoded: the message is "cannot read FILE: reason"."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -270,17 +291,19 @@ def load_dataset(name: str = "digits", data_dir: Optional[str] = None, download:
 # digits (built in)
 # --------------------------------------------------------------------------
 def load_digits(test_size: int = 360, seed: int = 0) -> Dataset:
-    """scikit-learn's 8x8 digits (UCI optical digits test set, 1,797 images),
+    """scikit-learn's 8x8 digits (the UCI optical digits test set, 1,797 images,
+    CC BY 4.0), read from the copy shipped in ``normfree/resources/digits.npz``
+    (the same arrays as ``sklearn.datasets.load_digits``, which is not needed),
     split by a seeded permutation into 1,437 train and 360 test images."""
-    from sklearn.datasets import load_digits as sk_digits
-
-    d = sk_digits()
-    x = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
-    y = d.target.astype(np.int64)
+    path = importlib.resources.files("normfree") / "resources" / "digits.npz"
+    with path.open("rb") as fh, np.load(fh) as f:
+        images, target = f["images"], f["target"]
+    x = np.rint(images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    y = target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
     tr, te = order[:-test_size], order[-test_size:]
     return _make("digits", [str(i) for i in range(10)], (x[tr], y[tr]), (x[te], y[te]),
-                 augment=True, flip=False, source="sklearn.datasets.load_digits")
+                 augment=True, flip=False, source="normfree/resources/digits.npz (sklearn.datasets.load_digits)")
 
 
 # --------------------------------------------------------------------------
@@ -336,27 +359,42 @@ def fetch(remote: Remote, folder: str, timeout: float = 60.0) -> str:
 # --------------------------------------------------------------------------
 def read_idx(path: str) -> np.ndarray:
     """Read an idx file of unsigned bytes (magic 0x00000803 images,
-    0x00000801 labels; gzipped if the name ends in .gz) and check its size."""
+    0x00000801 labels; gzipped if the name ends in .gz) and check its size.
+    The header is read first and the payload only up to the size it states,
+    so neither a lying header nor a decompression bomb can exhaust memory.
+    Any failure raises :class:`UnreadableFile` ("cannot read PATH: reason")."""
     opener = gzip.open if path.endswith(".gz") else open
+    again = "delete it and fetch it again"
     try:
         with opener(path, "rb") as fh:
-            data = fh.read()
-    except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{path}: cannot read ({e}); the file is corrupt or truncated: "
-                         f"delete it and fetch it again") from None
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08 or not 1 <= data[3] <= 4:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes (first bytes {data[:4].hex() or 'none'}, "
-                         f"expected 000008 then the number of dimensions)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{path}: truncated idx header ({len(data)} bytes)")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected, found = math.prod(dims), len(data) - header
-    if found != expected:
-        raise ValueError(f"{path}: truncated or corrupt idx file: its header says {dims} "
-                         f"({expected} bytes of data), the file holds {found}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+            magic = fh.read(4)
+            if len(magic) < 4 or magic[:2] != b"\x00\x00" or magic[2] != 0x08 or not 1 <= magic[3] <= 4:
+                raise UnreadableFile(path, f"not an idx file of unsigned bytes (first bytes {magic.hex() or 'none'}, "
+                                           f"expected 000008 then the number of dimensions)")
+            ndim = magic[3]
+            raw = fh.read(4 * ndim)
+            if len(raw) < 4 * ndim:
+                raise UnreadableFile(path, f"truncated idx header ({4 + len(raw)} bytes); {again}")
+            dims = struct.unpack(f">{ndim}I", raw)
+            expected = math.prod(dims)
+            if expected > MAX_IDX_BYTES:
+                raise UnreadableFile(path, f"its idx header asks for {dims} = {expected} bytes, more than the "
+                                           f"{MAX_IDX_BYTES} allowed: corrupt or not a data set file")
+            data = bytearray()
+            while len(data) <= expected:  # one byte more than the header says tells a too long file
+                chunk = fh.read(min(1 << 24, expected + 1 - len(data)))
+                if not chunk:
+                    break
+                data += chunk
+    except UnreadableFile:
+        raise
+    except Exception as e:  # OSError, gzip.BadGzipFile, EOFError, zlib.error, ...: any decoder failure
+        raise UnreadableFile(path, f"corrupt or truncated ({_reason(e)}); {again}") from None
+    if len(data) != expected:
+        found = f"{len(data)}" if len(data) < expected else f"more than {expected}"
+        raise UnreadableFile(path, f"truncated or corrupt idx file: its header says {dims} "
+                                   f"({expected} bytes of data), the file holds {found}; {again}")
+    return np.frombuffer(bytes(data), dtype=np.uint8).reshape(dims).copy()
 
 
 def _find_idx(folder: str) -> Dict[str, Optional[str]]:
@@ -476,23 +514,27 @@ def load_cifar_pickle(path: str) -> dict:
             obj = _RestrictedUnpickler(fh, encoding="latin1").load()
     except FileNotFoundError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, struct.error, OSError) as e:
-        raise ValueError(f"{path}: not a readable CIFAR-10 batch (corrupt or truncated?): {e}") from None
+    except pickle.UnpicklingError as e:
+        raise UnreadableFile(path, f"not a CIFAR-10 batch: {e}") from None
+    except Exception as e:  # anything a hostile pickle can make the unpickler raise
+        raise UnreadableFile(path, f"not a CIFAR-10 batch (corrupt or truncated?): {_reason(e)}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict, the pickle holds a {type(obj).__name__}")
+        raise UnreadableFile(path, f"not a CIFAR-10 batch: expected a dict, the pickle holds a {type(obj).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
 def _cifar_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
     d = load_cifar_pickle(path)
     if "data" not in d or "labels" not in d:
-        raise ValueError(f"{path}: a CIFAR-10 batch needs keys 'data' and 'labels', found {sorted(d)}")
-    x, y = np.asarray(d["data"]), np.asarray(d["labels"], dtype=np.int64)
+        raise UnreadableFile(path, f"a CIFAR-10 batch needs keys 'data' and 'labels', found {sorted(map(str, d))}")
+    try:
+        x, y = np.asarray(d["data"]), np.asarray(d["labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise UnreadableFile(path, f"its 'data' or 'labels' are not arrays ({_reason(e)})") from None
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-        raise ValueError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {x.dtype} {x.shape}")
+        raise UnreadableFile(path, f"'data' must be uint8 of shape (N, 3072), got {x.dtype} {x.shape}")
     if y.shape != (len(x),):
-        raise ValueError(f"{path}: {len(x)} images but labels of shape {y.shape}")
+        raise UnreadableFile(path, f"{len(x)} images but labels of shape {y.shape}")
     return x.reshape(-1, 3, 32, 32), y
 
 
@@ -511,7 +553,8 @@ def extract_tar(archive: str, dest: str) -> None:
             for m in members:
                 target = os.path.realpath(os.path.join(dest, m.name))
                 if not (m.isfile() or m.isdir()) or not target.startswith(os.path.realpath(dest) + os.sep):
-                    raise ValueError(f"{archive}: refusing unsafe member {m.name!r}")
+                    raise UnreadableFile(archive, f"refusing unsafe member {m.name!r} (a link, or a path "
+                                                  f"leaving {dest})")
             tmp = tempfile.mkdtemp(prefix=".extract-", dir=dest)
             try:
                 if hasattr(tarfile, "data_filter"):
@@ -525,9 +568,16 @@ def extract_tar(archive: str, dest: str) -> None:
                     os.replace(os.path.join(tmp, top), final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise ValueError(f"{archive}: cannot extract ({e}); the archive is corrupt or truncated: "
-                         f"delete it and fetch it again") from None
+    except UnreadableFile:
+        raise
+    except OSError as e:
+        if e.filename is not None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise  # a problem of the destination, not of the archive: the command names it
+        raise UnreadableFile(archive, f"corrupt or truncated archive ({_reason(e)}); delete it and fetch it "
+                                      f"again") from None
+    except Exception as e:  # tarfile.TarError, EOFError, zlib.error, lzma/bz2 errors, ...
+        raise UnreadableFile(archive, f"corrupt or truncated archive ({_reason(e)}); delete it and fetch it "
+                                      f"again") from None
 
 
 def load_cifar10(root: str, download: bool = False) -> Dataset:
@@ -590,7 +640,7 @@ def _list_images(root: str) -> Dict[str, List[str]]:
 
 
 def _decode(paths: List[str], size: Optional[Tuple[int, int]], gray: bool) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     arrays, first = [], None
     for p in paths:
@@ -600,27 +650,28 @@ def _decode(paths: List[str], size: Optional[Tuple[int, int]], gray: bool) -> np
                 if size is not None and im.size != (size[1], size[0]):
                     im = im.resize((size[1], size[0]), Image.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise ValueError(f"{p}: cannot decode image ({e})") from None
+        except Exception as e:  # UnidentifiedImageError, OSError, DecompressionBombError, SyntaxError, ...
+            raise UnreadableFile(p, f"not a decodable image ({_reason(e)})") from None
         if first is None:
             first = (p, a.shape)
         elif a.shape != first[1]:
             raise ValueError(f"{p} is {a.shape[1]}x{a.shape[0]} but {first[0]} is {first[1][1]}x{first[1][0]}: "
-                             f"all images must have one size; pass image_size= to resize them")
+                             f"all images must have one size; resize them with image_size= "
+                             f"(CLI: --image-size)")
         arrays.append(a[None] if gray else a.transpose(2, 0, 1))
     return np.stack(arrays)
 
 
 def _all_gray(paths: List[str]) -> bool:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     for p in paths:
         try:
             with Image.open(p) as im:
                 if im.mode not in ("L", "1", "I;16", "I"):
                     return False
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{p}: cannot decode image ({e})") from None
+        except Exception as e:  # UnidentifiedImageError, OSError, DecompressionBombError, ...
+            raise UnreadableFile(p, f"not a decodable image ({_reason(e)})") from None
     return True
 
 
@@ -632,8 +683,9 @@ def load_image_folder(root: str, image_size: Optional[Union[int, Tuple[int, int]
     the sorted sub-folder names; grayscale if every image is, else RGB."""
     root = os.path.expanduser(root)
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if size is not None and not (len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
-        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+    if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_IMAGE_SIZE for s in size)):
+        raise ValueError(f"image_size must be an int or (H, W) in [1, {MAX_IMAGE_SIZE}], got {image_size!r}")
     if os.path.isdir(os.path.join(root, "train")):
         train = _list_images(os.path.join(root, "train"))
         test_dir = os.path.join(root, "test")
@@ -677,7 +729,7 @@ def load_image_folder(root: str, image_size: Optional[Union[int, Tuple[int, int]
         splits.append((_decode(paths, size, gray), labels))
     if splits[0][0].shape[1:] != splits[1][0].shape[1:]:
         raise ValueError(f"train images are {splits[0][0].shape[1:]} but test images "
-                         f"{splits[1][0].shape[1:]} in {root}; pass image_size= to resize them")
+                         f"{splits[1][0].shape[1:]} in {root}; resize them with image_size= (CLI: --image-size)")
     return _make("folder", classes, splits[0], splits[1], augment=True, flip=True, source=root)
 
 

@@ -23,12 +23,13 @@ the command line).
 from __future__ import annotations
 
 import copy
+import io
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_path
+from .atomic import write_bytes
 from .blocks import ResidualBlock
 from .layers import Conv2d, Scale
 
@@ -107,7 +108,8 @@ def export_model(model: nn.Module, example: torch.Tensor, path: str, *, fold: bo
     is exported as it is. Both are exported in eval mode. Before anything is
     written the exported program is run on ``example`` (N >= 2 samples) and
     compared with ``model``: ValueError if any output differs by more than
-    ``atol + rtol * |reference|``. The file is written atomically. Returns
+    ``atol + rtol * |reference|``. The file is written atomically
+    (:func:`normfree.atomic.write_bytes`). Returns
     ``{"path", "folded", "max_abs_diff"}``.
     """
     if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 2:
@@ -130,6 +132,7 @@ def export_model(model: nn.Module, example: torch.Tensor, path: str, *, fold: bo
     if not torch.allclose(got, want, rtol=rtol, atol=atol):
         raise ValueError(f"the exported program's outputs differ from the model's by up to {diff:.3g} "
                          f"(allowed: atol {atol:g} + rtol {rtol:g} x |output|); nothing written")
-    with atomic_path(path) as tmp:
-        torch.export.save(program, tmp)
+    buffer = io.BytesIO()  # serialized in memory: a failed file write (disk full) is then a plain OSError
+    torch.export.save(program, buffer)
+    write_bytes(path, buffer.getvalue())
     return {"path": path, "folded": foldable, "max_abs_diff": diff}

@@ -17,7 +17,8 @@ Variances are population variances (divide by the count) over batch and
 spatial positions, per channel, then averaged over channels.
 
 How blocks are found (``blocks=None``): every :class:`normfree.blocks.ResidualBlock`
-of the model; otherwise torchvision/timm-style blocks, i.e. the outermost
+of the model; otherwise the blocks made by :func:`normfree.convert` (``ConvertedBlock``,
+``SkipGain``; their branch is their ``branch_out``); otherwise torchvision/timm-style blocks, i.e. the outermost
 modules that have ``conv1`` and ``conv2`` children and a ``bn2`` or ``bn3``
 child. The residual branch f(x) of a block is: for ``ResidualBlock`` the output
 of its last convolution (the scalar gains are divided out, or the model is
@@ -71,6 +72,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .blocks import PoolPadShortcut, ResidualBlock, unfolded
+from .converted import converted_blocks, converted_branch, converted_branch_scale, predict_converted_variance
 
 InputLike = Union[torch.Tensor, Sequence[int]]
 
@@ -229,6 +231,9 @@ def find_blocks(model: nn.Module) -> List[nn.Module]:
     ours = [m for m in model.modules() if isinstance(m, ResidualBlock)]
     if ours:
         return ours
+    converted = converted_blocks(model)
+    if converted:
+        return converted
     found: List[nn.Module] = []
     inside: set = set()
     for m in model.modules():
@@ -243,6 +248,9 @@ def find_blocks(model: nn.Module) -> List[nn.Module]:
 def _default_branch(block: nn.Module) -> Optional[nn.Module]:
     if isinstance(block, ResidualBlock):
         return block.branch_out
+    converted = converted_branch(block)
+    if converted is not None:
+        return converted
     se = getattr(block, "se", None)
     if isinstance(se, nn.Module) and not isinstance(se, nn.Identity):
         return se
@@ -364,10 +372,18 @@ def _input_shape(x: InputLike) -> Tuple[int, ...]:
     return shape
 
 
-def _check_input(model: nn.Module, shape: Tuple[int, ...]) -> None:
+def _check_input(model: nn.Module, shape: Tuple[int, ...], x: InputLike = None) -> None:
+    """The model's own shape check on the shape given (a meta tensor: nothing is
+    allocated), and for a tensor input: no NaN or Inf (they would make every
+    statistic NaN without a word)."""
     check = getattr(model, "check_input", None)
     if callable(check):
-        check(torch.empty((1,) + shape[1:], device="meta"))
+        check(torch.empty(shape, device="meta"))
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        bad = sum(int((~torch.isfinite(x[i:i + 256])).sum()) for i in range(0, shape[0], 256))
+        if bad:
+            raise ValueError(f"the input holds {bad} NaN/Inf value(s) (of {x.numel()}, shape {shape}): "
+                             f"the statistics would be NaN; pass finite values")
 
 
 def _chunks(x: InputLike, shape, chunk: int, seed: int, device, dtype) -> Iterator[torch.Tensor]:
@@ -479,7 +495,7 @@ def measure_signal(model: nn.Module, x: InputLike, blocks: Optional[Sequence[nn.
         :class:`SignalStats`, a list of :class:`BlockStats`.
     """
     shape = _input_shape(x)
-    _check_input(model, shape)
+    _check_input(model, shape, x)
     blocks, branch_map = _validate_blocks(model, blocks, branches)
     if not residual:
         branch_map = {}
@@ -570,7 +586,7 @@ def measure_signal(model: nn.Module, x: InputLike, blocks: Optional[Sequence[nn.
                              f"forward: pass blocks that the forward pass uses")
         mean_sq, var = out_m[i].result()
         res_var = res_mean_sq = skip_var = ratio = None
-        s = scales.get(b) if isinstance(b, ResidualBlock) else None
+        s = scales.get(b) if isinstance(b, ResidualBlock) else _as_float(converted_branch_scale(b))
         s = 1.0 if s is None else s
         if b in probe and not res_m[i].empty:
             res_mean_sq, res_var = res_m[i].result(scale=probe[b][1], shift=probe[b][2])
@@ -610,7 +626,7 @@ def measure_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     if not isinstance(y, torch.Tensor) or y.shape[0] != shape[0]:
         raise ValueError(f"y must be a tensor with one target per sample ({shape[0]}), got "
                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
-    _check_input(model, shape)
+    _check_input(model, shape, x)
     blocks, _ = _validate_blocks(model, blocks, None)
     names = {m: n for n, m in model.named_modules()}
     device, dtype = _model_device_dtype(model)
@@ -665,8 +681,10 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
     """Expected Var(x_l) after every block of a normfree model at initialization.
 
     ``model`` is a normfree ``ResNet`` (or a model name, built with
-    ``create_model(name, **create_kwargs)``); ``v0`` is the variance of the
-    first block's input (1 for NF, whose stem preserves unit variance).
+    ``create_model(name, **create_kwargs)``), or a model converted with
+    ``normfree.convert(..., method="nf")`` (the NF rule below); ``v0`` is the
+    variance of the first block's input (1 for NF, whose stem preserves unit
+    variance). Any other model raises a ValueError saying so.
     Per block, with s the branch scalar (alpha, gain, b_l; 1 if none), a the
     skip scalar (RescaleNet a_l; 1 if none) and v_skip the skip-path variance:
 
@@ -700,9 +718,12 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
         from .models import create_model  # only for names; signal.py otherwise needs only blocks
         model = create_model(model, **create_kwargs)
     blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+    if not blocks and converted_blocks(model):
+        return predict_converted_variance(model, v0)
     if not blocks:
-        raise ValueError(f"predict_variance needs a normfree model (with ResidualBlock blocks); "
-                         f"{type(model).__name__} has none")
+        raise ValueError(f"predict_variance needs a normfree model (with ResidualBlock blocks) or a model converted "
+                         f"with normfree.convert(model, method='nf'); {type(model).__name__} is neither, so there is "
+                         f"no analytic prediction for it. Measure it with normfree.measure_signal(model, x)")
     scheme = getattr(model, "scheme", None)
     v = float(v0)
     out = []

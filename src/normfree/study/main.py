@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import signal
@@ -71,13 +72,15 @@ def _preflight(plans: Dict[str, List[RunSpec]], ctx: Context) -> None:
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM (kill, SLURM, containers) stops the study like Ctrl-C: workers are stopped, finished runs kept."""
+    """SIGTERM (kill, SLURM, containers) stops the study like Ctrl-C: workers are stopped, finished runs
+    kept, and :class:`normfree.train.Interrupted` (a KeyboardInterrupt) raised (``normfree study`` exits 143)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    from ..train import Interrupted
 
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -155,7 +158,13 @@ def _run_study(preset, out, *, data, data_dir, download, experiments, seed, jobs
         if info is None:
             raise ValueError(f"--plan cannot size runs on {size.data!r} without loading it")
     else:
+        from ..atomic import check_writable
         from ..data import load_dataset
+
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(errno.ENOTDIR, "--out must be a directory, not a file", out)
+        os.makedirs(out, exist_ok=True)
+        check_writable(out)  # before the data are fetched and anything is run
         ds = load_dataset(size.data, data_dir, download)
         info = DataInfo.of(ds)
         del ds
@@ -177,7 +186,6 @@ def _run_study(preset, out, *, data, data_dir, download, experiments, seed, jobs
         return {"plans": {e: [s.label for s in specs] for e, specs in plans.items()}, "data": info.name,
                 "preset": preset, "estimated_cpu_seconds": total / UNITS_PER_SECOND}
 
-    os.makedirs(out, exist_ok=True)
     torch.set_num_threads(threads)
     sections: List[Section] = []
     store = RunStore(os.path.join(out, "runs"), warn=log)

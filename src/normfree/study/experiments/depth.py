@@ -1,9 +1,10 @@
 """Experiment 2: trainability against depth, and De & Smith's 1,000-layer claim.
 
 Runs: (a) the curve: every method's WRN-d at each depth of ``depths``, each
-learning rate of ``depth_lrs``, one seed; (b) the claim: bn, none, SkipInit
-alpha = 0 and alpha = 1 at ``deep_depth`` (>= 1,000 layers by default), one
-learning rate, ``depth_seeds`` seeds.
+learning rate of ``depth_lrs``, one seed; (b) the claim: none, SkipInit
+alpha = 0 and alpha = 1 (and bn, the paper's control, with ``deep_with_bn``)
+at ``deep_depth`` (>= 1,000 layers by default), one learning rate,
+``depth_seeds`` seeds.
 Judges: the claim, each seed alone, then the seeds' agreement. Draws: best
 final loss and test accuracy against depth.
 """
@@ -27,11 +28,13 @@ KNOBS = {
     "depth_batch": knob(int, 32, quick=16, cifar10=64, full=128, lo=1, hi=65536, help="batch size of the curve runs"),
     "deep_depth": knob(int, 1000, quick=34, cifar10=100, full=1000, lo=10, hi=5000, check=wrn_depth,
                        help="depth of the claim's runs (the paper's headline: 1,000 layers)"),
-    "deep_steps": knob(int, 150, quick=6, cifar10=300, full=5000, lo=1, hi=10_000_000,
+    "deep_steps": knob(int, 200, quick=6, cifar10=300, full=5000, lo=1, hi=10_000_000,
                        help="SGD steps of each claim run"),
     "deep_batch": knob(int, 16, cifar10=64, full=128, lo=1, hi=65536, help="batch size of the claim runs"),
     "deep_lr": knob(float, 0.05, quick=0.1, full=0.1, lo=1e-6, hi=100, help="learning rate of the claim runs"),
-    "depth_seeds": knob(int, 2, quick=1, full=3, lo=1, hi=20, help="seeds of the claim runs"),
+    "depth_seeds": knob(int, 3, quick=1, lo=1, hi=20, help="seeds of the claim runs"),
+    "deep_with_bn": knob(int, 0, cifar10=1, full=1, lo=0, hi=1,
+                         help="1: also train bn at deep_depth (the paper's BN control; costly on a CPU)"),
 }
 
 #: (label, model, options) of the curve
@@ -42,9 +45,10 @@ CONFIGS = [("bn", "bn_wrn", {}), ("relubn", "relubn_wrn", {}), ("none", "none_wr
            ("fixup", "fixup_wrn", {}), ("nf_he", "nf_he_wrn", {}), ("nf", "nf_wrn", {}),
            ("rescale", "rescale_wrn", {})]
 
-#: the claim: these train, these do not
-CLAIM_TRAINS = ("bn", "skipinit a=0")
+#: the claim: these train, these do not (bn, the paper's control, only with deep_with_bn=1)
+CLAIM_TRAINS = ("skipinit a=0",)
 CLAIM_FAILS = ("none", "skipinit a=1")
+CONTROL = "bn"
 
 
 def _spec(ctx: Context, label, model, opts, depth, steps, batch, lr, seed, kind) -> RunSpec:
@@ -60,8 +64,9 @@ def plan(ctx: Context) -> List[RunSpec]:
     curve = [_spec(ctx, label, model, opts, d, sz.depth_steps, sz.depth_batch, lr, ctx.seed, "curve")
              for label, model, opts in CONFIGS for d in sz.depths for lr in sz.depth_lrs]
     opts = {label: (model, o) for label, model, o in CONFIGS}
+    labels = CLAIM_TRAINS + CLAIM_FAILS + ((CONTROL,) if sz.deep_with_bn else ())
     deep = [_spec(ctx, label, *opts[label], sz.deep_depth, sz.deep_steps, sz.deep_batch, sz.deep_lr, seed, "claim")
-            for seed in ctx.seeds(sz.depth_seeds) for label in CLAIM_TRAINS + CLAIM_FAILS]
+            for seed in ctx.seeds(sz.depth_seeds) for label in labels]
     return curve + deep
 
 
@@ -71,8 +76,9 @@ def _best(runs: Sequence[dict]) -> Optional[dict]:
 
 
 def rule(runs: Dict[str, dict], num_classes: int):
-    """One seed's claim runs ({label: result}) -> (verdict, measured)."""
-    tr = {k: trains(runs.get(k), num_classes) for k in CLAIM_TRAINS + CLAIM_FAILS}
+    """One seed's claim runs ({label: result}; bn optional) -> (verdict, measured)."""
+    labels = CLAIM_TRAINS + CLAIM_FAILS + ((CONTROL,) if CONTROL in runs else ())
+    tr = {k: trains(runs.get(k), num_classes) for k in labels}
 
     def say(k):
         r = runs.get(k)
@@ -82,29 +88,36 @@ def rule(runs: Dict[str, dict], num_classes: int):
             return f"{k}: diverged at step {r.get('diverged_step') or '?'}"
         return f"{k}: {'trains' if tr[k] else 'does not train'} (loss {fmt(r['final_train_loss'])}, test {pct(r.get('test_acc'))})"
 
-    measured = "; ".join(say(k) for k in CLAIM_TRAINS + CLAIM_FAILS)
-    if not tr["bn"]:
+    measured = "; ".join(say(k) for k in labels)
+    if CONTROL in runs and not tr[CONTROL]:
         return UNSURE, measured + " -- the BN control did not train, so the budget says nothing"
-    if all(tr[k] for k in CLAIM_TRAINS) and not any(tr[k] for k in CLAIM_FAILS):
+    if not any(tr.values()):
+        return UNSURE, measured + " -- nothing trained, so the budget may be too small to tell"
+    if all(tr[k] for k in CLAIM_TRAINS + ((CONTROL,) if CONTROL in runs else ())) \
+            and not any(tr[k] for k in CLAIM_FAILS):
         return HOLDS, measured
     return FAILS, measured
 
 
-def rule_text(num_classes: int) -> str:
-    return (f"{trains_rule(num_classes)}; per seed: holds if bn and SkipInit alpha = 0 train while none and alpha = 1 "
-            "do not; inconclusive if bn (the control) does not train; else does not hold. The claim: the seeds' "
-            "common verdict, inconclusive if they differ")
+def rule_text(num_classes: int, with_bn: bool) -> str:
+    bn = " (and bn, the control)" if with_bn else ""
+    control = "; inconclusive if bn (the control) does not train" if with_bn else ""
+    return (f"{trains_rule(num_classes)}; per seed: holds if SkipInit alpha = 0{bn} trains while none and alpha = 1 do "
+            f"not; inconclusive if nothing trains (the budget may be too small){control}; else does not hold. The "
+            "claim: the seeds' common verdict, inconclusive if they differ")
 
 
 def judge(per_seed: Dict[int, Dict[str, dict]], num_classes: int, depth: int) -> Claim:
     rows = [(seed, *rule(runs, num_classes)) for seed, runs in sorted(per_seed.items())]
     verdict = unanimous([v for _, v, _ in rows])
-    n_tr = {k: sum(trains(runs.get(k), num_classes) for runs in per_seed.values()) for k in CLAIM_TRAINS + CLAIM_FAILS}
+    with_bn = any(CONTROL in runs for runs in per_seed.values())
+    labels = CLAIM_TRAINS + CLAIM_FAILS + ((CONTROL,) if with_bn else ())
+    n_tr = {k: sum(trains(runs.get(k), num_classes) for runs in per_seed.values()) for k in labels}
     measured = (f"depth {depth}, seeds {len(rows)}: " +
-                ", ".join(f"{k} trains in {n_tr[k]} of {len(rows)}" for k in CLAIM_TRAINS + CLAIM_FAILS))
-    return Claim(f"A {depth}-layer residual network trains with SkipInit (alpha = 0) and with BN, but not without "
-                 "normalization, nor with SkipInit alpha = 1.", "De & Smith 2020", measured, verdict,
-                 rule_text(num_classes), per_seed=rows)
+                ", ".join(f"{k} trains in {n_tr[k]} of {len(rows)}" for k in labels))
+    return Claim(f"A {depth}-layer residual network trains with SkipInit (alpha = 0){' and with BN' if with_bn else ''}, "
+                 "but not without normalization, nor with SkipInit alpha = 1.", "De & Smith 2020", measured, verdict,
+                 rule_text(num_classes, with_bn), per_seed=rows)
 
 
 def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Section:

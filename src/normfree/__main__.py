@@ -1,0 +1,7 @@
+"""``python -m normfree ...``: the same command line as ``normfree ...``."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

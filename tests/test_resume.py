@@ -1,0 +1,245 @@
+"""Resuming is safe: a corrupt, unsafe or inconsistent checkpoint is refused in
+one line (by `normfree train --resume` and `normfree export` alike, before the
+data are loaded or a model is built), and a run continues only with the
+data and the learning-rate schedule it was started with (issue 14, classes 4
+and 5)."""
+import json
+import os
+import pickle
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import normfree
+from normfree.cli import main
+from normfree.data import load_dataset
+from normfree.train import TrainConfig, load_checkpoint, train
+
+TINY = dict(model="skipinit_wrn", depth=10, width=1, batch_size=32, lr=0.05, max_train_examples=64,
+            max_test_examples=32, log_every=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, digits):
+    """A 6-step run stopped after 2 steps (checkpoint at step 2)."""
+    out = str(tmp_path_factory.mktemp("stopped") / "run")
+    res = train(TrainConfig(**TINY, steps=6, stop_after_steps=2, out=out), dataset=digits)
+    assert res.status == "stopped"
+    return out
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+class _Mkdir:
+    """Unpickling this runs os.mkdir(path): a stand-in for a malicious payload."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _truncate(path, n=3000):
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[:n])
+
+
+def _good(path):
+    return torch.load(path, weights_only=True)
+
+
+def _edit(path, change):
+    ck = _good(path)
+    change(ck)
+    torch.save(ck, path)
+
+
+def _set_config(key, value):
+    def change(ck):
+        cfg = json.loads(ck["config"])
+        cfg[key] = value
+        ck["config"] = json.dumps(cfg)
+    return change
+
+
+def _drop_weight(ck):
+    ck["model"].pop(next(iter(ck["model"])))
+
+
+# name -> (how the file is spoiled, substring of the train --resume error, substring of the export error)
+CORRUPTIONS = {
+    "empty": (lambda p, m: open(p, "wb").close(), "cannot read", "cannot read"),
+    "truncated": (lambda p, m: _truncate(p), "cannot read", "cannot read"),
+    "random_bytes": (lambda p, m: open(p, "wb").write(random.Random(0).randbytes(5000)), "cannot read",
+                     "cannot read"),
+    "malicious_zip": (lambda p, m: torch.save({"model": _Mkdir(m), "config": "{}"}, p), "cannot read", "cannot read"),
+    "malicious_legacy": (lambda p, m: torch.save({"model": _Mkdir(m)}, p, _use_new_zipfile_serialization=False),
+                         "cannot read", "cannot read"),
+    "plain_pickle": (lambda p, m: open(p, "wb").write(pickle.dumps({"model": _Mkdir(m)})), "cannot read",
+                     "cannot read"),
+    "foreign_torch_file": (lambda p, m: torch.save({"weights": torch.zeros(3)}, p), "not a normfree checkpoint",
+                           "not a normfree checkpoint"),
+    "a_list": (lambda p, m: torch.save([1, 2, 3], p), "not a normfree checkpoint", "not a normfree checkpoint"),
+    "config_not_json": (lambda p, m: _edit(p, lambda ck: ck.update(config="{not json")), "corrupt or inconsistent",
+                        "corrupt or inconsistent"),
+    "model_not_tensors": (lambda p, m: _edit(p, lambda ck: ck.update(model={"w": "x"})), "corrupt or inconsistent",
+                          "corrupt or inconsistent"),
+    "weight_missing": (lambda p, m: _edit(p, _drop_weight), "corrupt or inconsistent", "corrupt or inconsistent"),
+    "config_depth_disagrees": (lambda p, m: _edit(p, _set_config("depth", 16)), "configuration differs",
+                               "has 6 residual blocks, its weights 3"),
+    "config_asks_absurd_size": (lambda p, m: _edit(p, _set_config("depth", 19996)), "configuration differs",
+                                "has 9996 residual blocks, its weights 3"),
+    "config_invalid_value": (lambda p, m: _edit(p, _set_config("lr", -1)), "configuration differs",
+                             "configuration is invalid"),
+    "negative_step": (lambda p, m: _edit(p, lambda ck: ck.update(step=-3)), "corrupt or inconsistent", None),
+    "loss_history_short": (lambda p, m: _edit(p, lambda ck: ck.update(loss_hist=torch.zeros(1))),
+                           "corrupt or inconsistent", None),
+    "rng_state_garbage": (lambda p, m: _edit(p, lambda ck: ck.update(rng={"torch": torch.zeros(3)})),
+                          "corrupt or inconsistent", None),
+    "optimizer_of_another_model": (lambda p, m: _edit(p, lambda ck: ck.update(
+        optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1).state_dict())),
+        "corrupt or inconsistent", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_bad_checkpoint_is_refused_in_one_line(name, stopped_run, tmp_path, capsys, monkeypatch):
+    spoil, resume_msg, export_msg = CORRUPTIONS[name]
+    run = copy_run(stopped_run, tmp_path / "run")
+    ckpt = os.path.join(run, "checkpoint.pt")
+    marker = str(tmp_path / "payload-ran")
+    spoil(ckpt, marker)
+
+    # train --resume: refused before the data are loaded
+    def no_data(*a, **k):
+        raise AssertionError("the data were loaded before the checkpoint was checked")
+    if name not in ("optimizer_of_another_model", "weight_missing"):  # (those need the model, built after the data)
+        monkeypatch.setattr("normfree.data.load_dataset", no_data)
+    assert main(["train", "--out", run, "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normfree train: error: ") and err.count("\n") == 1, err
+    assert resume_msg in err and ckpt in err, err
+    assert "weights_only" not in err  # no advice to load the file unsafely
+    assert not os.path.exists(marker)  # nothing in the file ran
+
+    if export_msg is not None:
+        assert main(["export", run]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("normfree export: error: ") and err.count("\n") == 1, err
+        assert export_msg in err and ckpt in err, err
+        assert "weights_only" not in err
+    assert not os.path.exists(marker)
+    assert not os.path.exists(os.path.join(run, "model.pt2"))
+
+
+def test_good_checkpoint_passes_the_same_checks(stopped_run, tmp_path, capsys):
+    """The control: the unspoiled copy resumes and exports."""
+    run = copy_run(stopped_run, tmp_path / "run")
+    assert main(["export", run]) == 0
+    assert main(["train", "--out", run, "--resume", "--no-progress"]) == 0
+    assert load_checkpoint(run)["step"] == 6
+
+
+# ------------------------------------------------------------------ class 5: resume must not change the run
+def test_resume_with_another_length_is_refused_unless_rescheduled(digits, tmp_path):
+    out = str(tmp_path / "r")
+    train(TrainConfig(**TINY, epochs=2, stop_after_steps=2, out=out), dataset=digits)
+    with pytest.raises(ValueError, match=r"schedule would change \(total_steps 4 -> 6\).*--reschedule"):
+        train(TrainConfig(**TINY, epochs=3, out=out, resume=True), dataset=digits)
+    with pytest.raises(ValueError, match=r"total_steps 4 -> 3"):
+        train(TrainConfig(**TINY, steps=3, out=out, resume=True), dataset=digits)
+    res = train(TrainConfig(**TINY, epochs=3, out=out, resume=True, reschedule=True), dataset=digits)
+    assert res.status == "ok" and res.steps == 6
+
+
+def test_constant_schedule_may_be_extended_exactly(digits, tmp_path):
+    """With a constant learning rate the length does not change any step: a
+    3-step run resumed to 6 steps equals a fresh 6-step run, bit for bit."""
+    kw = dict(TINY, schedule="constant", warmup_steps=2)
+    fresh = train(TrainConfig(**kw, steps=6), dataset=digits)
+    out = str(tmp_path / "c")
+    train(TrainConfig(**kw, steps=3, out=out), dataset=digits)
+    resumed = train(TrainConfig(**kw, steps=6, out=out, resume=True), dataset=digits)
+    assert_same_weights(fresh.model, resumed.model)
+
+
+def test_resume_on_other_data_is_refused(digits, tmp_path):
+    out = str(tmp_path / "d")
+    train(TrainConfig(**TINY, steps=4, stop_after_steps=2, out=out), dataset=digits)
+    other = load_dataset("digits")
+    other.train_x = other.train_x.clone()
+    other.train_x[:, :, 0, 0] ^= 1  # one pixel of every image differs
+    with pytest.raises(ValueError, match=r"the data differ from the checkpoint's \(digits: train 64x1x8x8"):
+        train(TrainConfig(**TINY, steps=4, out=out, resume=True), dataset=other)
+    assert train(TrainConfig(**TINY, steps=4, out=out, resume=True), dataset=digits).steps == 4
+
+
+def write_pngs(root, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", 20), ("test", 4)):
+        for cls in ("a", "b"):
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(
+                    os.path.join(root, split, cls, f"{i}.png"))
+    return str(root)
+
+
+def test_cli_resume_after_the_files_changed_is_refused(tmp_path, capsys):
+    """An image folder edited between the run and its resumption: refused; the
+    same files in another folder (--data-dir moved): accepted."""
+    from PIL import Image
+
+    data = write_pngs(tmp_path / "imgs")
+    out = str(tmp_path / "run")
+    args = ["train", "--model", "skipinit_wrn", "--depth", "10", "--data", "folder", "--data-dir", data,
+            "--image-size", "8", "--batch-size", "8", "--steps", "6", "--no-progress"]
+    assert main(args + ["--stop-after-steps", "2", "--out", out]) == 0
+    moved = shutil.copytree(data, tmp_path / "moved")
+    Image.fromarray(np.zeros((6, 6, 3), dtype=np.uint8)).save(os.path.join(data, "train", "a", "3.png"))
+    assert main(["train", "--out", out, "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the data differ" in err and "folder: train 40x3x8x8" in err
+    assert main(["train", "--out", out, "--resume", "--data-dir", str(moved), "--no-progress"]) == 0
+    assert load_checkpoint(out)["step"] == 6
+
+
+def test_fingerprint_is_stored_and_old_checkpoints_still_resume(digits, tmp_path, capsys):
+    out = str(tmp_path / "f")
+    train(TrainConfig(**TINY, steps=4, stop_after_steps=2, out=out), dataset=digits)
+    ck = load_checkpoint(out)
+    assert ck["data"]["train"] == [64, 1, 8, 8] and len(ck["data"]["sha256"]) == 64
+    assert ck["schedule"]["total_steps"] == 4 and ck["schedule"]["schedule"] == "cosine"
+    raw = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)  # as format 1 wrote it
+    for key in ("data", "schedule"):
+        raw.pop(key)
+    raw["format"] = 1
+    torch.save(raw, os.path.join(out, "checkpoint.pt"))
+    assert train(TrainConfig(**TINY, steps=4, out=out, resume=True), dataset=digits).steps == 4
+    assert "predates data fingerprints" in capsys.readouterr().err
+
+
+def test_load_model_of_a_consistent_checkpoint(stopped_run):
+    model = normfree.load_model(stopped_run)
+    assert len(model.blocks) == 3 and not model.training
