@@ -729,3 +729,14 @@ def test_killing_the_study_stops_its_workers(tmp_path, signame):
         for pid in workers:  # never leave a worker behind, even when the test fails
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_trains_bar_is_a_size():
+    from normfree.study.verdicts import Trains, trains, trains_rule
+
+    run = _run(loss=1.9)                                   # 0.83 ln(10)
+    assert not trains(run, 10) and trains(run, Trains(10, 0.85))
+    assert "0.85 ln(10) = 1.96" in trains_rule(Trains(10, 0.85))
+    v, m = depth.rule({**GOOD, "skipinit a=0": run}, Trains(10, 0.85))
+    assert v == HOLDS and depth.rule({**GOOD, "skipinit a=0": run}, 10)[0] == UNSURE
+    assert study_size("cifar10").trains_below == 0.85 and study_size("default").trains_below == 0.75

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from .runner import RunSpec
 from .sizes import Knob, StudySize
@@ -83,6 +83,12 @@ class Context:
     def n_train(self) -> int:
         n = self.data.n_train
         return min(n, self.size.max_train_examples) if self.size.max_train_examples else n
+
+    @property
+    def trains(self):
+        """The bar a run must pass to count as trained (:class:`~normfree.study.verdicts.Trains`)."""
+        from .verdicts import Trains
+        return Trains(self.data.num_classes, self.size.trains_below)
 
     def seeds(self, count: int) -> List[int]:
         """The seeds of an experiment that runs ``count`` seeds: seed, seed + 1, ..."""

@@ -181,8 +181,8 @@ def _run_study(preset, out, *, data, data_dir, download, experiments, seed, jobs
             for s in specs:
                 log(f"    {s.key}  {s.label}")
         core_s = total / UNITS_PER_SECOND
-        log(f"estimate: {fmt_time(core_s)} of CPU time, about {fmt_time(core_s / jobs)} with {jobs} worker(s) on a quiet "
-            f"machine (a rough cost model calibrated on WRN-16-1 / CIFAR-10 at 450 images/s per core)")
+        log(f"estimate: {fmt_time(core_s)} of CPU time, about {fmt_time(core_s / jobs)} with {jobs} worker(s) on a "
+            f"quiet machine (a rough cost model calibrated on WRN-16-1 / CIFAR-10 at 450 images/s per core)")
         return {"plans": {e: [s.label for s in specs] for e, specs in plans.items()}, "data": info.name,
                 "preset": preset, "estimated_cpu_seconds": total / UNITS_PER_SECOND}
 

@@ -60,12 +60,13 @@ def write_report(out: str, sections: Sequence[Section], meta: Dict[str, Any]) ->
     counts = {v: sum(c.verdict == v for c in claims) for v in (HOLDS, FAILS, UNSURE)}
     claim_rows = [_claim_row(c) for c in claims]
     warning = meta.get("warning")
+    rejected = f", {meta['rejected']} stored records rejected and rerun" if meta.get("rejected") else ""
     intro = (f"Preset `{meta['preset']}` ({meta['preset_text']}), data {meta['data']}, seeds from {meta['seed']}. "
              f"Wall time {fmt_time(meta['wall'])}; CPU time {fmt_time(meta['cpu'])} "
              f"(worker processes {fmt_time(meta['cpu_runs'])} for the runs executed now, the main process "
              f"{fmt_time(meta['cpu_main'])}; the stored runs took {fmt_time(meta['cpu_all_runs'])} of CPU time "
              f"when they were run). {meta['executed']} runs executed, {meta['reused']} reused from an earlier "
-             f"invocation{', ' + str(meta['rejected']) + ' stored records rejected and rerun' if meta.get('rejected') else ''}. "
+             f"invocation{rejected}. "
              f"Claims: {counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[UNSURE]} inconclusive.")
     method = ("Every verdict is computed from this study's measurements by the rule in its row; nothing is written "
               "in by hand. Each experiment runs every configuration with several seeds: 'seeds' says how many "

@@ -10,7 +10,7 @@ refused with a message naming the key, before anything is run or planned.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 PRESET_NAMES = ("quick", "default", "cifar10", "full")
@@ -87,8 +87,9 @@ class Knob:
         try:
             v = float(text) if self.kind is float else _int(text)
         except ValueError:
-            raise ValueError(f"bad value in size override '{key}={whole}': {text!r} is not "
-                             f"{'a number' if self.kind is float else 'an integer'}; expected {self.describe()}") from None
+            what = "a number" if self.kind is float else "an integer"
+            raise ValueError(f"bad value in size override '{key}={whole}': {text!r} is not {what}; "
+                             f"expected {self.describe()}") from None
         return v
 
     def validate(self, key: str, value: Any) -> None:
@@ -159,6 +160,9 @@ COMMON_KNOBS: Dict[str, Knob] = {
                                help="train on a seeded subset of this many images (none: all)"),
     "max_test_examples": knob(int, None, quick=128, cifar10=5000, lo=1, hi=MAX_EXAMPLES, optional=True,
                               help="evaluate on a seeded subset of this many test images (none: all)"),
+    "trains_below": knob(float, 0.75, cifar10=0.85, lo=0.05, hi=1.0,
+                         help="a run 'trains' if its final training loss is below this x ln(classes) (chance); "
+                              "the CIFAR-10 preset's short runs use a lower bar"),
     "bootstrap": knob(int, 2000, quick=200, lo=100, hi=100_000,
                       help="resamples of the paired bootstrap behind every accuracy margin"),
 }

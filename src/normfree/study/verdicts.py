@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -91,20 +91,40 @@ def chance_loss(num_classes: int) -> float:
     return math.log(num_classes)
 
 
-def trains(rec: Optional[dict], num_classes: int) -> bool:
-    """A run trains if it did not diverge and its final training loss is below
-    ``TRAINS_BELOW`` x the chance-level loss ln(classes)."""
+@dataclass(frozen=True)
+class Trains:
+    """What "a run trains" means: it did not diverge and its final training loss
+    is below ``below`` x ln(num_classes) (the loss of a chance-level guess).
+    Rules that take ``num_classes`` accept one of these instead of the number
+    (the study passes the ``trains_below`` size)."""
+
+    num_classes: int
+    below: float = TRAINS_BELOW
+
+    @property
+    def loss(self) -> float:
+        return self.below * chance_loss(self.num_classes)
+
+
+def _bar(num_classes) -> Trains:
+    return num_classes if isinstance(num_classes, Trains) else Trains(int(num_classes))
+
+
+def trains(rec: Optional[dict], num_classes) -> bool:
+    """A run trains if it did not diverge and its final training loss is below the
+    bar (:class:`Trains`; an int means ``TRAINS_BELOW`` x ln(classes))."""
     return bool(rec) and rec.get("status") == "ok" and _finite(rec.get("final_train_loss")) \
-        and rec["final_train_loss"] < TRAINS_BELOW * chance_loss(num_classes)
+        and rec["final_train_loss"] < _bar(num_classes).loss
 
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def trains_rule(num_classes: int) -> str:
-    return (f"a run trains if it did not diverge and its final training loss is below {TRAINS_BELOW} ln({num_classes}) "
-            f"= {TRAINS_BELOW * chance_loss(num_classes):.2f}")
+def trains_rule(num_classes) -> str:
+    bar = _bar(num_classes)
+    return (f"a run trains if it did not diverge and its final training loss is below {bar.below:g} "
+            f"ln({bar.num_classes}) = {bar.loss:.2f}")
 
 
 # --------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
     from ...plots import plot_lr_sweep
 
     sz = ctx.size
-    nc = ctx.data.num_classes
+    nc = ctx.trains
     sec = Section(NAME, EXPERIMENT.title)
     sec.text.append(f"nf WRN-{sz.agc_depth}-{fmt(sz.width)} at batch {sz.agc_batch}, {fmt(sz.agc_epochs)} epochs, "
                     f"learning rates {list(sz.agc_lrs)}, without and with AGC (lambda = {fmt(sz.agc_clipping)}, "

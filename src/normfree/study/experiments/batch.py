@@ -9,7 +9,6 @@ learning rate per batch size.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence
 
 from ..experiment import Context, Experiment, Section, wrn_blocks
@@ -23,7 +22,8 @@ NAME = "batch"
 KNOBS = {
     "bs_depth": knob(int, 10, cifar10=16, full=16, lo=10, hi=5000, check=wrn_depth, help="WRN depth"),
     "batch_sizes": knob(int, (16, 64, 256), quick=(16, 64), cifar10=(32, 512), full=(16, 64, 256, 1024, 4096),
-                        many=True, length=(2, 12), lo=1, hi=65536, help="batch sizes (smallest and largest are judged)"),
+                        many=True, length=(2, 12), lo=1, hi=65536,
+                        help="batch sizes (smallest and largest are judged)"),
     "bs_lrs": knob(float, (0.05, 0.2, 0.8, 3.2), quick=(0.1, 1.6), cifar10=(0.05, 0.2, 0.8),
                    full=(0.0125, 0.05, 0.2, 0.8, 3.2, 12.8), many=True, length=(2, 12), lo=1e-6, hi=100,
                    help="learning rates (a geometric grid)"),
@@ -67,11 +67,12 @@ def rule_small(per_seed: Dict[int, Dict[str, Dict[float, dict]]], num_classes: i
     for seed, runs in sorted(per_seed.items()):
         b, s = best_run(runs["bn"]), best_run(runs["skipinit"])
         if b is None or s is None or not (trains(b[1], num_classes) and trains(s[1], num_classes)):
-            return UNSURE, f"seed {seed}: {'bn' if b is None or not trains(b[1], num_classes) else 'skipinit'} did not train at any learning rate"
+            who = "bn" if b is None or not trains(b[1], num_classes) else "skipinit"
+            return UNSURE, f"seed {seed}: {who} did not train at any learning rate"
         pairs.append((b[1], s[1]))
         ratio = max(b[0], s[0]) / min(b[0], s[0])
         lr_far |= ratio > step * 1.001
-        notes.append(f"best lr bn {b[0]:g}, skipinit {s[0]:g}")
+        notes.append(f"{'seed ' + str(seed) + ': ' if len(per_seed) > 1 else ''}best lr bn {b[0]:g}, skipinit {s[0]:g}")
     a, c = correct_matrix([p[0] for p in pairs]), correct_matrix([p[1] for p in pairs])
     iv = paired_bootstrap(a, c, resamples)
     v = combine(matches(iv, margin), FAILS if lr_far else HOLDS)
@@ -153,7 +154,7 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
     from ...plots import plot_lr_sweep
 
     sz = ctx.size
-    nc = ctx.data.num_classes
+    nc = ctx.trains
     sec = Section(NAME, EXPERIMENT.title)
     sec.text.append(f"WRN-{sz.bs_depth}-{fmt(sz.width)}, {fmt(sz.bs_epochs)} epochs at each batch size "
                     f"{list(sz.batch_sizes)} and learning rate {list(sz.bs_lrs)} (SGD Nesterov, cosine), "

@@ -17,8 +17,7 @@ import numpy as np
 from ..experiment import Context, Experiment, Section, wrn_blocks
 from ..runner import RunSpec, correct_matrix
 from ..sizes import knob, wrn_depth
-from ..verdicts import (FAILS, HOLDS, UNSURE, Claim, better, fmt, not_worse, paired_bootstrap, pct, trains,
-                        trains_rule)
+from ..verdicts import UNSURE, Claim, better, fmt, not_worse, paired_bootstrap, pct, trains, trains_rule
 
 NAME = "budget"
 
@@ -108,7 +107,7 @@ def judge(runs: Dict[str, Dict[int, dict]], num_classes: int, margin: float, res
 
 def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Section:
     sz = ctx.size
-    nc = ctx.data.num_classes
+    nc = ctx.trains
     sec = Section(NAME, EXPERIMENT.title)
     sec.text.append(
         f"WRN-{sz.budget_depth}-{fmt(sz.width)}, {fmt(sz.budget_epochs)} epochs, batch {sz.budget_batch}, lr "

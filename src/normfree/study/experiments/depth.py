@@ -22,7 +22,8 @@ NAME = "depth"
 KNOBS = {
     "depths": knob(int, (10, 34, 100), quick=(10, 16), cifar10=(10, 28, 64), full=(10, 28, 100, 304),
                    many=True, lo=10, hi=5000, check=wrn_depth, help="WRN depths of the trainability curve"),
-    "depth_lrs": knob(float, (0.05, 0.2), quick=(0.1,), cifar10=(0.1,), full=(0.03, 0.1, 0.3, 1.0), many=True, lo=1e-6, hi=100,
+    "depth_lrs": knob(float, (0.05, 0.2), quick=(0.1,), cifar10=(0.1,), full=(0.03, 0.1, 0.3, 1.0), many=True,
+                      lo=1e-6, hi=100,
                       help="learning rates of the curve (the best per cell is shown)"),
     "depth_steps": knob(int, 80, quick=6, cifar10=150, full=5000, lo=1, hi=10_000_000, help="SGD steps per curve run"),
     "depth_batch": knob(int, 32, quick=16, cifar10=64, full=128, lo=1, hi=65536, help="batch size of the curve runs"),
@@ -86,7 +87,8 @@ def rule(runs: Dict[str, dict], num_classes: int):
             return f"{k}: not run"
         if r["status"] != "ok":
             return f"{k}: diverged at step {r.get('diverged_step') or '?'}"
-        return f"{k}: {'trains' if tr[k] else 'does not train'} (loss {fmt(r['final_train_loss'])}, test {pct(r.get('test_acc'))})"
+        word = "trains" if tr[k] else "does not train"
+        return f"{k}: {word} (loss {fmt(r['final_train_loss'])}, test {pct(r.get('test_acc'))})"
 
     measured = "; ".join(say(k) for k in labels)
     if CONTROL in runs and not tr[CONTROL]:
@@ -115,7 +117,8 @@ def judge(per_seed: Dict[int, Dict[str, dict]], num_classes: int, depth: int) ->
     n_tr = {k: sum(trains(runs.get(k), num_classes) for runs in per_seed.values()) for k in labels}
     measured = (f"depth {depth}, seeds {len(rows)}: " +
                 ", ".join(f"{k} trains in {n_tr[k]} of {len(rows)}" for k in labels))
-    return Claim(f"A {depth}-layer residual network trains with SkipInit (alpha = 0){' and with BN' if with_bn else ''}, "
+    bn = " and with BN" if with_bn else ""
+    return Claim(f"A {depth}-layer residual network trains with SkipInit (alpha = 0){bn}, "
                  "but not without normalization, nor with SkipInit alpha = 1.", "De & Smith 2020", measured, verdict,
                  rule_text(num_classes, with_bn), per_seed=rows)
 
@@ -124,7 +127,7 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
     from ...plots import plot_depth
 
     sz = ctx.size
-    nc = ctx.data.num_classes
+    nc = ctx.trains
     sec = Section(NAME, EXPERIMENT.title)
     sec.text.append(
         f"Curve: WRN-d-{fmt(sz.width)} for d in {list(sz.depths)} "
@@ -162,7 +165,7 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
         rows.append(row)
     sec.tables.append((f"Final training loss / test accuracy at the best learning rate (seed {ctx.seed})",
                        ["method"] + [f"depth {d}" for d in depths], rows))
-    sec.figures.append((plot_depth(curves, ctx.fig("depth"), chance=chance_loss(nc))[0],
+    sec.figures.append((plot_depth(curves, ctx.fig("depth"), chance=chance_loss(ctx.data.num_classes))[0],
                         "Best final training loss and test accuracy against depth; x: every learning rate diverged."))
     sec.claims.append(judge(per_seed, nc, sz.deep_depth))
     return sec

@@ -82,7 +82,7 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
     from ...plots import plot_lesion, plot_tracking
 
     sz = ctx.size
-    nc = ctx.data.num_classes
+    nc = ctx.trains
     sec = Section(NAME, EXPERIMENT.title)
     sec.text.append(f"WRN-{sz.paths_depth}-{fmt(sz.width)} trained {sz.paths_steps} steps (batch {sz.paths_batch}, lr "
                     f"{fmt(sz.paths_lr)}), {sz.paths_seeds} seed(s); every {sz.paths_track_every} steps the "

@@ -17,7 +17,7 @@ import numpy as np
 from ..experiment import Context, Experiment, Section, wrn_blocks
 from ..runner import RunSpec
 from ..sizes import knob, wrn_depth
-from ..verdicts import FAILS, HOLDS, UNSURE, Claim, agreement, fmt, linear_r2, unanimous
+from ..verdicts import FAILS, HOLDS, UNSURE, Claim, fmt, linear_r2, unanimous
 
 NAME = "spp"
 
@@ -83,7 +83,8 @@ def rule_doubling(none: Sequence[dict]):
     return v, f"none: variance grows x{fmt(f)} per block (stage 1)"
 
 
-RULE_DOUBLING = "holds if the factor is in [1.5, 2.5]; does not hold outside [1.25, 3] (or not measurable); else inconclusive"
+RULE_DOUBLING = ("holds if the factor is in [1.5, 2.5]; does not hold outside [1.25, 3] (or not measurable); "
+                 "else inconclusive")
 
 
 def rule_bn_linear(bn: Sequence[dict]):
@@ -279,8 +280,8 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
                                  predictions={l: preds[l] for l in sk},
                                  title="SkipInit's alpha against no normalization")[0],
                         "SkipInit with alpha = 0, 1/sqrt(d) and 1, and `none`: Var(x_l) ~ (1 + alpha^2)^l "
-                        "(dashed: prediction); alpha = 1 coincides with `none` (same weights, gain 1). Values that overflow float32 "
-                        "are not drawn."))
+                        "(dashed: prediction); alpha = 1 coincides with `none` (same weights, gain 1). Values that "
+                        "overflow float32 are not drawn."))
     rows = []
     for label, m in first.items():
         b = m["blocks"]
