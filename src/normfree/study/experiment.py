@@ -60,8 +60,9 @@ class Section:
     figures: List[Tuple[str, str]] = field(default_factory=list)          # (png path, caption)
     tables: List[Tuple[str, List[str], List[List[Any]]]] = field(default_factory=list)  # (caption, head, rows)
     claims: List[Claim] = field(default_factory=list)
-    seconds: float = 0.0
-    cpu_seconds: float = 0.0
+    seconds: float = 0.0          # wall time of judging and drawing (the runs overlap between experiments)
+    cpu_seconds: float = 0.0      # CPU time of its runs (when they ran) plus judging and drawing
+    runs: int = 0
 
 
 @dataclass

@@ -187,27 +187,28 @@ def _run_study(preset, out, *, data, data_dir, download, experiments, seed, jobs
                 "preset": preset, "estimated_cpu_seconds": total / UNITS_PER_SECOND}
 
     torch.set_num_threads(threads)
-    sections: List[Section] = []
+    sections: Dict[str, Section] = {}
     store = RunStore(os.path.join(out, "runs"), warn=log)
     all_recs: Dict[str, dict] = {}
+    by_name = {e.name: e for e in selected}
+    log(f"[study] {sum(len(p) for p in plans.values())} runs in {len(selected)} experiments: "
+        + ", ".join(f"{name} {len(p)}" for name, p in plans.items()))
+
+    def report(name: str, recs: Dict[str, dict]) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        all_recs.update(recs)
+        sec = by_name[name].report(ctx, plans[name], recs)
+        sec.seconds = time.perf_counter() - t0
+        sec.cpu_seconds = time.process_time() - c0 + sum(r.get("cpu_seconds") or 0.0 for r in recs.values())
+        sec.runs = len(recs)
+        sections[name] = sec
+        log(f"[study] {name}: {len(recs)} runs done, " + ", ".join(f"{c.verdict}" for c in sec.claims))
+
     with _sigterm_as_interrupt(), Runner(store, data_dir, jobs, threads, progress) as runner:
-        remaining = total
-        for i, e in enumerate(selected, 1):
-            t0, c0, r0 = time.perf_counter(), time.process_time(), runner.cpu_seconds
-            specs = plans[e.name]
-            remaining -= sum(s.cost for s in specs)
-            log(f"[study] {i}/{len(selected)} {e.name}: {len(specs)} runs")
-            recs = runner.run(e.name, specs, remaining)
-            all_recs.update(recs)
-            sec = e.report(ctx, specs, recs)
-            sec.seconds = time.perf_counter() - t0
-            runs_cpu = runner.cpu_seconds - r0
-            main_cpu = time.process_time() - c0 - (runs_cpu if jobs == 1 else 0.0)
-            sec.cpu_seconds = main_cpu + runs_cpu
-            sections.append(sec)
+        runner.run_all(plans, report)
+    sections = [sections[e.name] for e in selected]
     wall = time.perf_counter() - wall0
     cpu_main = time.process_time() - cpu0 - (runner.cpu_seconds if jobs == 1 else 0.0)
-    overridden = {k: v for k, v in overrides.items()}
     meta = {"preset": preset, "preset_text": PRESET_TEXT[preset],
             "data": f"{info.name} ({info.n_train} train / {info.n_test} test images, {info.in_chans}x{info.side}x"
                     f"{info.side}, {info.num_classes} classes)",
@@ -216,8 +217,10 @@ def _run_study(preset, out, *, data, data_dir, download, experiments, seed, jobs
             "executed": runner.executed, "reused": runner.reused, "rejected": store.rejected,
             "machine": _machine(jobs, threads, device), "size": size.asdict(), "test_images": ctx.n_test,
             "bootstrap": size.bootstrap,
-            "warning": QUICK_WARNING if preset == "quick" else
-            (f"Sizes changed from the {preset} preset: {', '.join(sorted(overridden))}." if overridden else None)}
+            "warning": " ".join(w for w in (
+                QUICK_WARNING if preset == "quick" else "",
+                f"Sizes changed from the {preset} preset: {', '.join(sorted(overrides))}." if overrides else "") if w)
+            or None}
     paths = write_report(out, sections, meta)
     claims = [claim_dict(c) for s in sections for c in s.claims]
     log(f"[study] {runner.executed} runs executed, {runner.reused} reused, wall {fmt_time(wall)}, CPU "

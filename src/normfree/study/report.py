@@ -88,7 +88,8 @@ def write_report(out: str, sections: Sequence[Section], meta: Dict[str, Any]) ->
           html_table(CLAIM_HEAD, claim_rows), "<h2>Configuration and machine</h2>",
           html_table(["", ""], meta["machine"]), html_table(["size", "value"], size_rows)]
     for s in sections:
-        timing = f"wall {fmt_time(s.seconds)}, CPU {fmt_time(s.cpu_seconds)}"
+        timing = (f"{s.runs} runs; CPU time {fmt_time(s.cpu_seconds)} (its runs, when they ran, and the report); "
+                  f"judged and drawn in {fmt_time(s.seconds)}")
         md += [f"## {s.title}", "", f"_{timing}_", ""]
         h += [f"<h2>{html.escape(s.title)}</h2><p><em>{timing}</em></p>"]
         for t in s.text:

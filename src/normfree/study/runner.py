@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -291,7 +291,6 @@ class Runner:
         self.executed = 0
         self.reused = 0
         self.cpu_seconds = 0.0        # worker CPU time of the runs executed now
-        self.seconds_per_unit: List[float] = []
 
     def __enter__(self):
         return self
@@ -324,40 +323,56 @@ class Runner:
     def cached(self, spec: RunSpec) -> Optional[dict]:
         return self.store.get(spec.key, spec.identity(), spec.task)
 
-    def run(self, experiment: str, specs: Sequence[RunSpec], remaining_units: float = 0.0) -> Dict[str, dict]:
-        """Results of ``specs`` by key: stored ones reused, the others run."""
+    def run_all(self, plans: Dict[str, Sequence[RunSpec]], done: Callable[[str, Dict[str, dict]], None]) -> None:
+        """Run every experiment's specs (stored ones reused, a run shared by two experiments done once)
+        and call ``done(experiment, {key: result})`` as soon as all of an experiment's runs are finished.
+
+        All runs go to the pool at once, longest first, so that no worker waits at the end of one
+        experiment while another experiment's runs are left (with ``jobs=1``: in the plans' order).
+        """
         from tqdm.auto import tqdm
 
-        out: Dict[str, dict] = {}
+        results: Dict[str, dict] = {}
         todo: Dict[str, RunSpec] = {}
-        for s in specs:
-            if s.key in out or s.key in todo:
-                continue
-            rec = self.cached(s)
-            if rec is not None:
-                out[s.key] = rec
-                self.reused += 1
-            else:
-                todo[s.key] = s
+        for specs in plans.values():
+            for s in specs:
+                if s.key in results or s.key in todo:
+                    continue
+                rec = self.cached(s)
+                if rec is not None:
+                    results[s.key] = rec
+                    self.reused += 1
+                else:
+                    todo[s.key] = s
+        needs = {name: {s.key for s in specs} for name, specs in plans.items()}
+        reported = set()
+
+        def report_ready():
+            for name in plans:  # in report order
+                if name not in reported and needs[name] <= results.keys():
+                    reported.add(name)
+                    done(name, {k: results[k] for k in needs[name]})
+
+        report_ready()
         if not todo:
-            return out
+            return
         total = sum(s.cost for s in todo.values())
-        bar = tqdm(total=len(todo), desc=f"{experiment:11s}", unit="run", disable=not self.progress,
-                   dynamic_ncols=True, leave=True)
+        bar = tqdm(total=len(todo), desc="study", unit="run", disable=not self.progress, dynamic_ncols=True,
+                   leave=True)
         start = time.perf_counter()
         done_units = 0.0
 
         def finish(spec, rec):
             nonlocal done_units
             self.store.put(spec.key, spec.identity(), rec)
-            out[spec.key] = rec
+            results[spec.key] = rec
             self.executed += 1
             self.cpu_seconds += rec.get("cpu_seconds") or 0.0
             done_units += spec.cost
-            rate = (time.perf_counter() - start) / max(done_units, 1e-9)
-            left = rate * (total - done_units + remaining_units)
-            bar.set_postfix_str(f"{spec.label[:38]} | study left ~{fmt_time(left)}")
+            left = (time.perf_counter() - start) / max(done_units, 1e-9) * (total - done_units)
+            bar.set_postfix_str(f"{spec.experiment}: {spec.label[:38]} | left ~{fmt_time(left)}")
             bar.update(1)
+            report_ready()
 
         try:
             if self.jobs <= 1:
@@ -371,8 +386,6 @@ class Runner:
                     finish(futures[fut], fut.result())
         finally:
             bar.close()
-        self.seconds_per_unit.append((time.perf_counter() - start) / max(total, 1e-9))
-        return out
 
 
 def fmt_time(s: float) -> str:
