@@ -467,6 +467,7 @@ def test_depth_claim_over_seeds():
     with_bn = {**GOOD, "bn": _run()}
     c = depth.judge({0: with_bn, 1: with_bn}, 10, 1000)
     assert c.verdict == HOLDS and "and with BN" in c.claim and "bn trains in 2 of 2" in c.measured
+    assert c.paper == "" and "4.62%" in depth.judge({0: with_bn}, 10, 100, "cifar10").paper
 
 
 LRS = (0.05, 0.2, 0.8, 3.2)
@@ -573,6 +574,15 @@ def test_rule_nf_matches_bn(nf, verdict):
     runs = _methods({"skipinit regularized": 0.9, "skipinit": 0.9, "bn": 0.9, "nf": nf, "fixup": 0.9}, seeds=2)
     c = budget.judge(runs, 10, 0.01, 500)[2]
     assert c.claim.startswith("NF-ResNets") and c.verdict == verdict, c.measured
+
+
+@pytest.mark.parametrize("fixup, verdict", [(0.9, HOLDS), (0.7, FAILS), (0.88, UNSURE)])
+def test_rule_fixup_matches_bn(fixup, verdict):
+    runs = _methods({"skipinit regularized": 0.9, "skipinit": 0.9, "bn": 0.9, "nf": 0.9, "fixup": fixup}, seeds=2)
+    c = budget.judge(runs, 10, 0.01, 500)[3]
+    assert c.claim.startswith("Fixup") and c.verdict == verdict, c.measured
+    assert c.paper == ""                                  # the published number is CIFAR-10's, not comparable here
+    assert "paper: CIFAR-10 ResNet-110" in budget.judge(runs, 10, 0.01, 200, data="cifar10")[3].paper
 
 
 def test_budget_rules_need_the_reference_to_train():
