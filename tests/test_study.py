@@ -750,3 +750,37 @@ def test_the_trains_bar_is_a_size():
     v, m = depth.rule({**GOOD, "skipinit a=0": run}, Trains(10, 0.85))
     assert v == HOLDS and depth.rule({**GOOD, "skipinit a=0": run}, 10)[0] == UNSURE
     assert study_size("cifar10").trains_below == 0.85 and study_size("default").trains_below == 0.75
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_a_killed_worker_ends_the_study_with_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", STUDY, str(tmp_path / "o")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+            time.sleep(0.5)
+            workers = _workers(proc.pid)
+        assert len(workers) == 2
+        time.sleep(2)
+        os.kill(workers[0], signal.SIGKILL)           # e.g. the kernel's out-of-memory killer
+        code = proc.wait(timeout=120)
+        err = proc.stderr.read()
+        assert code == 2 and "a worker process died" in err and "Traceback" not in err, err
+        deadline = time.time() + 30
+        while time.time() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -302,10 +302,17 @@ def add_study(sub) -> None:
                 raise ValueError("max_train_examples given twice (--max-train-examples and --set)")
             extra["max_train_examples"] = KNOBS["max_train_examples"].parse("max_train_examples",
                                                                               str(args.max_train_examples))
-        result = run_study(args.preset, args.out, data=args.data, data_dir=args.data_dir, download=args.download,
-                           experiments=[e.strip() for e in args.experiments.split(",") if e.strip()],
-                           seed=args.seed, jobs=args.jobs, threads=args.threads, device=args.device,
-                           progress=not args.no_progress, plan_only=args.plan, **extra)
+        from .study.runner import WorkerDied
+
+        try:
+            result = run_study(args.preset, args.out, data=args.data, data_dir=args.data_dir,
+                               download=args.download,
+                               experiments=[e.strip() for e in args.experiments.split(",") if e.strip()],
+                               seed=args.seed, jobs=args.jobs, threads=args.threads, device=args.device,
+                               progress=not args.no_progress, plan_only=args.plan, **extra)
+        except WorkerDied as e:
+            print(f"normfree study: error: {e}", file=sys.stderr)
+            return 2
         if not args.plan:
             width = max(len(c["verdict"]) for c in result["claims"]) if result["claims"] else 0
             for c in result["claims"]:

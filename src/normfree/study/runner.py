@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -276,6 +277,10 @@ def execute(spec: RunSpec, data_dir: Optional[str], threads: int = 1) -> Dict[st
 # --------------------------------------------------------------------------
 # in the parent
 # --------------------------------------------------------------------------
+class WorkerDied(RuntimeError):
+    """A worker process ended without returning its run (killed from outside, or out of memory)."""
+
+
 class Runner:
     """Runs specs (cached in a :class:`RunStore`) on a pool of worker processes,
     with a progress bar that names the experiment and estimates time left.
@@ -383,7 +388,14 @@ class Runner:
                 futures = {pool.submit(execute, s, self.data_dir, self.threads): s
                            for s in sorted(todo.values(), key=lambda s: -s.cost)}
                 for fut in cf.as_completed(futures):
-                    finish(futures[fut], fut.result())
+                    try:
+                        rec = fut.result()
+                    except BrokenProcessPool:
+                        raise WorkerDied(f"a worker process died (killed from outside, or by the system for lack "
+                                         f"of memory) during {futures[fut].experiment} run "
+                                         f"{futures[fut].label!r}; the {self.executed} runs finished so far are "
+                                         "kept: run the same command again to continue") from None
+                    finish(futures[fut], rec)
         finally:
             bar.close()
 
