@@ -1,6 +1,7 @@
 """Adaptive gradient clipping against a direct computation of REFERENCE.md section 5."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -50,6 +51,58 @@ def test_unitwise_norm_dims():
     assert unitwise_norm(lin).shape == (5, 1)
     assert torch.allclose(unitwise_norm(vec), vec.norm())
     assert torch.allclose(unitwise_norm(torch.tensor(-3.0)), torch.tensor(3.0))
+
+
+def official_unitwise_norm(x: np.ndarray) -> np.ndarray:
+    """DeepMind nfnets/agc_optax.py's rule, on the official (JAX) layouts:
+    squeezed rank <= 1 -> one norm; IO Linear kernels -> axis 0; HWIO conv
+    kernels -> axes (0, 1, 2); keepdims where it is per unit."""
+    if np.squeeze(x).ndim <= 1:
+        return np.sqrt(np.sum(x ** 2))
+    if x.ndim in (2, 3):
+        return np.sqrt(np.sum(x ** 2, axis=0, keepdims=True))
+    return np.sqrt(np.sum(x ** 2, axis=(0, 1, 2), keepdims=True))
+
+
+def official_clip(w: np.ndarray, g: np.ndarray, lam: float, eps: float) -> np.ndarray:
+    max_norm = lam * np.maximum(official_unitwise_norm(w), eps)
+    g_norm = official_unitwise_norm(g)
+    return np.where(g_norm < max_norm, g, g * (max_norm / np.maximum(g_norm, 1e-6)))
+
+
+def to_official(t: torch.Tensor) -> np.ndarray:
+    """PyTorch layout -> the official one: conv (O, I, H, W) -> HWIO, Linear (O, I) -> IO;
+    a Scaled-WS gain (C, 1, 1, 1) is the official (C,) vector."""
+    a = t.detach().double().numpy()
+    if t.dim() == 4 and any(n != 1 for n in t.shape[1:]):
+        return a.transpose(2, 3, 1, 0)
+    if t.dim() == 4:
+        return a.reshape(-1)
+    return a.T if t.dim() == 2 else a
+
+
+def from_official(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    if like.dim() == 4 and any(n != 1 for n in like.shape[1:]):
+        a = a.transpose(3, 2, 0, 1)
+    elif like.dim() == 2:
+        a = a.T
+    return torch.from_numpy(np.ascontiguousarray(a)).reshape(like.shape)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 3, 3), (6, 1, 1, 1), (6,), (), (5, 7), (5, 1), (1, 4, 3, 3)])
+def test_matches_the_official_agc_on_each_kind_of_parameter(shape):
+    """Conv weight, Scaled-WS gain (C,1,1,1) -- one unit, like the official (C,) gain --,
+    bias, scalar, Linear weights (also with a single input)."""
+    gen = torch.Generator().manual_seed(1)
+    w = nn.Parameter(torch.randn(shape, generator=gen).abs() + 0.5)
+    g = torch.randn(shape, generator=gen) * 0.05
+    w.grad = g.clone()
+    want = from_official(official_clip(to_official(w), to_official(g), 0.01, 1e-3), w)
+    adaptive_clip_grad_([w], clipping=0.01, eps=1e-3)
+    torch.testing.assert_close(w.grad.double(), want, rtol=1e-6, atol=1e-12)
+    assert not torch.equal(w.grad, g)  # something was clipped: the comparison is not vacuous
+    norm = unitwise_norm(w.detach())
+    assert norm.numel() == (1 if all(n == 1 for n in w.shape[1:]) else w.shape[0])
 
 
 @pytest.mark.parametrize("lam,eps", [(0.01, 1e-3), (0.1, 1e-3), (0.005, 0.5)])

@@ -180,7 +180,7 @@ def test_export_creates_missing_folders(finished_run, tmp_path, capsys):
         warnings.simplefilter("error")  # the temporary file keeps .pt2: torch does not warn
         assert main(["export", finished_run, "--out", str(dest)]) == 0
     assert dest.is_file() and (tmp_path / "missing" / "dir" / "model.json").is_file()
-    assert listing(dest.parent) == ["model.json", "model.pt2"]
+    assert listing(dest.parent) == ["model.json", "model.pt2", "model.safetensors"]
 
 
 @pytest.mark.parametrize("where, words", [("dir", "is a directory: give a file name inside it"),
@@ -253,7 +253,7 @@ def test_train_writes_only_inside_out(tmp_path, monkeypatch):
     assert main(TRAIN + ["--steps", "1", "--out", "run"]) == 0
     assert listing(tmp_path) == ["run"]
     assert set(listing(tmp_path / "run")) == {".lock", "checkpoint.pt", "config.json", "metrics.csv",
-                                              "metrics.jsonl", "summary.json"} | (
+                                              "metrics.jsonl", "model.safetensors", "summary.json"} | (
         {"tb"} if os.path.isdir(tmp_path / "run" / "tb") else set())
 
 
@@ -383,6 +383,6 @@ def test_out_of_memory_is_one_line(error, tmp_path, capsys, monkeypatch):
     def oom(*a, **k):
         raise error
 
-    monkeypatch.setattr("normfree.signal.compare_models", oom)
+    monkeypatch.setattr("normfree.signal.measure_signal", oom)
     assert main(["spp", "--model", "nf_wrn", "--out", str(tmp_path / "spp.png")]) == 2
     assert "out of memory" in one_error_line(capsys.readouterr().err, "spp")

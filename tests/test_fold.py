@@ -116,10 +116,48 @@ def test_scaled_std_conv_training_grads_equal_reference():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", FOLDABLE)
+def perturbed_resnet(name, **kw):
+    torch.manual_seed(0)
+    model = normfree.create_model(name, width=0.0625, **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+CASES = [f"{n}_wrn" for n in FOLDABLE] + ["fixup_resnet50", "nf_resnet50"]
+
+
+def make_case(name):
+    return perturbed(name) if name.endswith("_wrn") else perturbed_resnet(name)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reference_path_is_the_formula(name):
+    """With fold_scalars off a block computes, step by step, its docstring's
+    y = s_skip * skip(x, h) + s_branch * f(h) [+ b], h = preact(x), f = branch(h)."""
+    model = make_case(name).eval()
+    x = torch.randn(2, 3, 16, 16)
+    h_in = model.stem(x)
+    with torch.no_grad(), unfolded(model):
+        for block in model.blocks:
+            h = block.preact(h_in)
+            want = block.branch(h)
+            s = block.branch_scale()
+            want = want * s if s is not None else want
+            if block.branch_bias() is not None:
+                want = want + block.branch_bias()
+            skip = block.skip(h_in, h)
+            want = want + (skip if block.skip_scale is None else block.skip_scale * skip)
+            got = block(h_in)
+            assert torch.equal(got, want)
+            h_in = got
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_folded_scalars_give_same_outputs_and_gradients(name):
-    model = perturbed(f"{name}_wrn")
-    x = torch.randn(3, 3, 8, 8)
+    model = make_case(name)
+    x = torch.randn(3, 3, 8, 8) if name.endswith("_wrn") else torch.randn(3, 3, 32, 32)
     y = torch.tensor([1, 2, 3])
 
     def run():
@@ -135,6 +173,46 @@ def test_folded_scalars_give_same_outputs_and_gradients(name):
     assert grads_f.keys() == grads_u.keys()
     for n in grads_f:
         torch.testing.assert_close(grads_f[n], grads_u[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["fixup_wrn", "fixup_resnet50"])
+def test_fixup_bias_folding_switch_gives_same_outputs_and_gradients(name):
+    """fold_biases (Fixup's biases in the convs) against its other branch (the
+    ScalarBias modules applied), scalars folded in both."""
+    model = make_case(name)
+    x = torch.randn(3, 3, 16, 16)
+    y = torch.tensor([1, 2, 3])
+
+    def run(fold_biases):
+        for b in model.blocks:
+            b.fold_biases = fold_biases
+        model.zero_grad()
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out_f, grads_f = run(True)
+    out_u, grads_u = run(False)
+    torch.testing.assert_close(out_f, out_u, rtol=1e-5, atol=1e-6)
+    for n in grads_f:
+        torch.testing.assert_close(grads_f[n], grads_u[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["nf_wrn", "skipinit_wrn", "fixup_resnet50"])
+def test_weight_cache_switch_gives_the_same_bits(name):
+    """Conv2d.cache_weights against its other branch (the folded weight computed on every call)."""
+    model = cache_on(make_case(name)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        cached = model(x)
+        assert any("_fold_cache" in m.__dict__ for m in model.modules())
+        for m in model.modules():
+            if isinstance(m, Conv2d):
+                m.clear_cache()
+                m.cache_weights = False
+        plain = model(x)
+        assert not any("_fold_cache" in m.__dict__ for m in model.modules())
+    assert torch.equal(cached, plain)
 
 
 @pytest.mark.parametrize("arch", ["wrn", "resnet50"])
@@ -164,16 +242,33 @@ def _eval_out(model, x, grad: bool):
         return model(x).detach()
 
 
+def cache_on(model):
+    """Every conv's weight cache on (plain convs have it off by default)."""
+    for m in model.modules():
+        if isinstance(m, Conv2d):
+            m.cache_weights = True
+    return model
+
+
+def test_weight_cache_is_on_only_for_standardized_convs_by_default():
+    nf, si = perturbed("nf_wrn").eval(), perturbed("skipinit_wrn").eval()
+    with torch.no_grad():
+        nf(torch.randn(2, 3, 8, 8)), si(torch.randn(2, 3, 8, 8))
+    ws = [m for m in nf.modules() if isinstance(m, ScaledStdConv2d)]
+    assert ws and all("_fold_cache" in m.__dict__ for m in ws)
+    assert not any("_fold_cache" in m.__dict__ for m in si.modules())
+
+
 @pytest.mark.parametrize("name", ["nf_wrn", "skipinit_wrn"])
 def test_no_grad_cache_is_invalidated_by_optimizer_step_and_load_state_dict(name):
-    model = perturbed(name).eval()
+    model = cache_on(perturbed(name)).eval()
     x = torch.randn(2, 3, 8, 8)
     convs = [m for m in model.modules() if isinstance(m, Conv2d)]
     with torch.no_grad():
         first = model(x)
     assert all("_fold_cache" in c.__dict__ for c in convs)
     for c in convs:
-        w, b = c.__dict__["_fold_cache"][-1]
+        (w, b), = [entry[-1] for entry in c.__dict__["_fold_cache"].values()]
         assert w.grad_fn is None and (w is c.weight or not w.requires_grad)  # no autograd graph held
     torch.testing.assert_close(first, _eval_out(model, x, grad=True), rtol=0, atol=0)
 
@@ -331,3 +426,84 @@ def test_bn_free_methods_save_less_for_backward_than_bn():
     bn = saved_bytes("bn_wrn")
     for name in ("none", "skipinit", "fixup", "nf", "nf_he", "rescale"):
         assert saved_bytes(f"{name}_wrn") < 0.8 * bn, name
+
+
+def test_cache_keeps_the_folded_and_the_reference_weights_of_a_block():
+    """measure_signal runs the reference path, a forward the folded one: alternating
+    them under no_grad reuses both cached weights instead of re-standardizing."""
+    model = perturbed("nf_wrn").eval()
+    x = torch.randn(2, 3, 8, 8)
+    conv = model.blocks[1].convs[0]
+    with torch.no_grad():
+        folded = model(x)
+        with unfolded(model):
+            ref = model(x)
+        entries = list(conv.__dict__["_fold_cache"].values())
+        assert len(entries) == 2
+        calls = []
+        conv.folded_weight_bias = lambda *a, **k: calls.append(1)  # a rebuild would call this
+        assert torch.equal(model(x), folded)
+        with unfolded(model):
+            assert torch.equal(model(x), ref)
+        assert not calls
+    torch.testing.assert_close(ref, folded, rtol=1e-5, atol=1e-6)
+
+
+def test_switch_benchmark_runs_every_switch_both_ways(capsys):
+    """benchmarks/bench_switches.py (smoke run): one row per switch and method."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_switches.py"
+    spec = importlib.util.spec_from_file_location("bench_switches", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--arch", "quick", "--reps", "1", "--memory", "--only", "fold_biases,cache_weights"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[:3] for r in rows] == [["fold_biases", "fixup", "train"], ["cache_weights", "nf", "eval"],
+                                     ["cache_weights", "skipinit", "eval"]]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    assert "saved for backward" in " ".join(rows[0])
+
+
+# --------------------------------------------------------------------------
+# issue 17's layouts: a skip scale with a branch constant (balduzzi), b^l
+# (hanin), beta on a BN branch (szegedy), weight-normalized convs (wn, cwn,
+# arpit), SELU, LSUV's plain block
+# --------------------------------------------------------------------------
+NEW_BN_FREE = ["balduzzi", "hanin", "arpit", "wn", "cwn", "selu", "lsuv"]
+NEW_CASES = [f"{n}_wrn" for n in NEW_BN_FREE] + ["szegedy_wrn", "balduzzi_resnet50", "arpit_resnet50"]
+
+
+@pytest.mark.parametrize("name", NEW_CASES)
+def test_new_layouts_reference_path_is_the_formula(name):
+    test_reference_path_is_the_formula(name)
+
+
+@pytest.mark.parametrize("name", NEW_CASES)
+def test_new_layouts_folded_scalars_give_same_outputs_and_gradients(name):
+    test_folded_scalars_give_same_outputs_and_gradients(name)
+
+
+@pytest.mark.parametrize("name", NEW_BN_FREE)
+def test_new_layouts_fold_to_plain_convs(name):
+    test_fold_model_is_plain_convs_with_same_outputs_and_input_grads(name)
+
+
+@pytest.mark.parametrize("name", ["wn_wrn", "cwn_wrn"])
+def test_weight_cache_gives_the_same_bits_for_weight_normalized_convs(name):
+    test_weight_cache_switch_gives_the_same_bits(name)
+
+
+def test_torch_export_of_a_weight_normalized_model_and_its_folded_copy():
+    model = perturbed("cwn_wrn").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    for m in (model, fold_model(model)):
+        exported = torch.export.export(m, (x,))
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), ref, rtol=1e-5, atol=1e-6)

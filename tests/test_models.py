@@ -153,13 +153,20 @@ def test_nf_uses_standardized_convs_and_nf_he_plain():
         assert torch.allclose(w.var(dim=(1, 2, 3), unbiased=False) * c.fan_in, torch.ones(w.shape[0]), rtol=1e-4)
 
 
-def test_rescale_coefficients():
+def test_rescale_coefficients_follow_the_official_code():
+    """hukkai/rescaling models/rescale.py: block k = L-1, L, ... scales its branch by
+    L^-1/2 and its convs by (k+1)^(-1/6) L^(1/6) each (3 convs: variance x L/(k+1)),
+    its skip by sqrt(k/(k+1)), and has a learnable scalar (init 1): in effect
+    b_l^2 = 1/(l + L - 1) for the 1-based block l, a_l^2 = 1 - b_l^2."""
     model = small("rescale_wrn", depth=16)
     L = 6
     for b in blocks_of(model):
-        b2 = 1.0 / (b.index + L)
+        k = L - 1 + (b.index - 1)  # the official block_idx
+        b2 = (L ** -0.5) ** 2 * ((k + 1) ** (-1 / 6) * L ** (1 / 6)) ** 6
+        assert b2 == pytest.approx(1.0 / (b.index + L - 1))
         assert b.branch_const == pytest.approx(math.sqrt(b2))
-        assert b.skip_scale == pytest.approx(math.sqrt(1 - b2))
+        assert b.skip_scale == pytest.approx(math.sqrt(k / (k + 1)))
+        assert b.gain is not None and b.gain.gain.item() == 1.0 and b.gain.gain.requires_grad
 
 
 @pytest.mark.parametrize("method", BATCH_FREE)
@@ -206,11 +213,11 @@ def test_method_options_reach_the_scheme():
     (lambda: normfree.create_model("bn_wrn", depth=1001), r"depth 1001 does not fit wrn.*6n\+4"),
     (lambda: normfree.create_model("bn_wrn", depth=8), r"depth 8 does not fit wrn"),
     (lambda: normfree.create_model("bn_resnet50", depth=34), r"resnet50 has depth 50.*depth=34"),
-    (lambda: normfree.create_model("nf_wrn", alpha=0), r"alpha must be a number > 0, got 0"),
-    (lambda: normfree.create_model("nf_wrn", alpha=-0.2), r"alpha must be a number > 0, got -0.2"),
+    (lambda: normfree.create_model("nf_wrn", alpha=0), r"alpha must be a finite number in \(0, 10\], got 0"),
+    (lambda: normfree.create_model("nf_wrn", alpha=-0.2), r"alpha must be a finite number in \(0, 10\], got -0.2"),
     (lambda: normfree.create_model("nf_wrn", act="swishh"), r"unknown activation 'swishh'.*allowed"),
     (lambda: normfree.create_model("skipinit_wrn", gain_init="1/d"), r"gain_init must be"),
-    (lambda: normfree.create_model("bn_wrn", num_classes=0), r"num_classes must be a positive integer, got 0"),
+    (lambda: normfree.create_model("bn_wrn", num_classes=0), r"num_classes must be an integer from 1 to 100000, got 0"),
 ])
 def test_bad_input_raises_clear_errors(call, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -228,3 +235,216 @@ def test_wrong_input_shape_is_caught_before_pytorch():
         model(torch.randn(2, 1, 8, 8))
     with pytest.raises(ValueError, match=r"got \(3, 8, 8\)"):
         model(torch.randn(3, 8, 8))
+
+
+# --------------------------------------------------------------------------
+# fidelity to the official code (issue 12)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["nf", "nf_he"])
+def test_nf_has_the_official_skipinit_gain_before_alpha(method):
+    """DeepMind nf_resnet.py: out = f(x) * skip_gain (init 0) * alpha + shortcut."""
+    alpha = 0.3
+    model = small(f"{method}_wrn", depth=16, width=2, alpha=alpha)
+    blocks = blocks_of(model)
+    assert all(b.gain is not None and b.gain.gain.item() == 0.0 for b in blocks)
+    assert all(b.gain.gain.requires_grad and b.gain.gain.dim() == 0 for b in blocks)
+    # with the gain at 0 a non-transition block is exactly the identity
+    x = torch.randn(2, 3, 8, 8)
+    h = model.stem(x)
+    for b in blocks:
+        out = b(h)
+        if b.shortcut is None:
+            assert torch.equal(out, h)
+        h = out
+    # a changed gain: y = skip + alpha * g * f(h), with the block's public parts
+    m = small(f"{method}_wrn", depth=16, width=2, alpha=alpha, gain_init=0.7)
+    b = blocks_of(m)[1]
+    assert b.gain.gain.item() == pytest.approx(0.7) and b.branch_scale().item() == pytest.approx(0.21)
+    x = torch.randn(2, 16 * 2, 8, 8)
+    with torch.no_grad():
+        hb = b.preact(x)
+        want = b.skip(x, hb) + alpha * 0.7 * b.branch(hb)
+        torch.testing.assert_close(b(x), want, rtol=1e-5, atol=1e-6)
+    # the expected variance keeps adding alpha^2 whatever the gain (as the official code does)
+    assert [b.beta for b in blocks] == pytest.approx([b.beta for b in blocks_of(m)])
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.2, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("method", ["nf", "nf_he"])
+def test_nf_any_alpha_builds_tracks_variance_and_runs(alpha, method):
+    model = small(f"{method}_wrn", alpha=alpha, gain_init=1.0)
+    var = 1.0
+    for b in blocks_of(model):
+        assert b.beta == pytest.approx(math.sqrt(var))
+        var = (1.0 if b.shortcut is not None else var) + alpha ** 2
+        assert b.expected_var_out == pytest.approx(var)
+        assert b.branch_scale().item() == pytest.approx(alpha)
+    y = model(torch.randn(2, 3, 8, 8))
+    assert torch.isfinite(y).all()
+
+
+def test_fixup_shortcut_is_a_1x1_conv_on_bottleneck_resnets_and_pool_pad_on_wrn():
+    from normfree.blocks import PoolPadShortcut
+    from normfree.layers import Conv2d
+    torch.manual_seed(0)
+    r50 = small("fixup_resnet50", width=0.25)  # 16 -> 64 channels in the first block
+    first = blocks_of(r50)[0]
+    assert type(first.shortcut) is Conv2d and first.shortcut.kernel_size == (1, 1) and first.shortcut_uses_preact
+    assert first.shortcut.in_channels == 16 and first.shortcut.out_channels == 64
+    transitions = [b for b in blocks_of(r50) if b.shortcut is not None]
+    assert len(transitions) == 4 and all(type(b.shortcut) is Conv2d for b in transitions)
+    # the projection is He-initialized, not scaled by Fixup's L^(-1/(2m-2)) (official: likewise)
+    w = torch.cat([b.shortcut.weight.flatten() * math.sqrt(b.shortcut.weight[0].numel()) for b in transitions])
+    assert w.std().item() == pytest.approx(math.sqrt(2), rel=0.05)
+    wrn = small("fixup_wrn", depth=16)
+    assert all(isinstance(b.shortcut, PoolPadShortcut) for b in blocks_of(wrn) if b.shortcut is not None)
+    assert wrn.scheme.shortcut == "pool_pad" and r50.scheme.shortcut == "conv"
+    # still selectable
+    assert isinstance(blocks_of(small("fixup_resnet50", shortcut="pool_pad"))[0].shortcut, PoolPadShortcut)
+
+
+def test_he_gain_is_computed_for_every_activation():
+    from normfree.layers import ACTIVATIONS, activation_he_gain
+    z = torch.randn(4_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert activation_he_gain("relu") == pytest.approx(math.sqrt(2), rel=1e-8)
+    assert activation_he_gain("identity") == pytest.approx(1.0, rel=1e-8)
+    assert activation_he_gain("gelu") == pytest.approx(1.534, abs=1e-3)
+    for name, fn in ACTIVATIONS.items():  # 1 / sqrt(E[act(z)^2]) by Monte Carlo
+        assert activation_he_gain(name) == pytest.approx(float(fn(z).square().mean()) ** -0.5, rel=3e-3), name
+
+
+@pytest.mark.parametrize("act", sorted(normfree.ACTIVATIONS))
+def test_unnormalized_branch_roughly_preserves_the_second_moment_for_every_activation(act):
+    """He init for the activation in use: E[f(x)^2] ~ E[x^2] for x ~ N(0, 1).
+    (He init keeps the second moment; part of it may sit in channel means.)"""
+    ratios = []
+    for seed in range(4):  # with 64 channels one draw's channel means move the ratio by ~15%
+        torch.manual_seed(seed)
+        b = blocks_of(normfree.create_model("none_wrn", depth=16, width=4, act=act))[1]  # 64 -> 64
+        x = torch.randn(4, 64, 32, 32)
+        with torch.no_grad():
+            f = b(x) - x  # none: y = x + f(x)
+        ratios.append(float(f.square().mean() / x.square().mean()))
+    ratio = sum(ratios) / len(ratios)
+    assert 0.75 < ratio < 1.25, (act, ratios)  # ~0.92: zero padding loses ~4% per 3x3 conv at 32x32
+    from normfree.layers import activation_he_gain
+    for method in ("skipinit", "fixup", "rescale"):  # the same init in every unnormalized method
+        m = normfree.create_model(f"{method}_wrn", depth=16, width=4, act=act)
+        conv = blocks_of(m)[2].convs[0]
+        L = len(blocks_of(m))
+        factor = L ** -0.5 if method == "fixup" else 1.0
+        std = conv.weight.std().item() * math.sqrt(conv.weight[0].numel())
+        assert std == pytest.approx(activation_he_gain(act) * factor, rel=0.03), (method, act)
+
+
+@pytest.mark.parametrize("method", ["none", "bn", "skipinit", "fixup", "rescale"])
+def test_stem_is_initialized_for_a_linear_input(method):
+    torch.manual_seed(0)
+    model = normfree.create_model(f"{method}_wrn", depth=10, width=4)
+    stem = model.stem[0]
+    assert stem.weight.std().item() * math.sqrt(stem.weight[0].numel()) == pytest.approx(1.0, rel=0.08)
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        v = model.stem(x).var(dim=(0, 2, 3), unbiased=False).mean().item()
+    assert 0.7 < v < 1.25, v  # ~1 (minus zero padding's loss), not ~2
+
+
+def _registry_channel_counts():
+    """Every channel count a norm layer sees in the registry's architectures at
+    the widths the project uses (and some odd ones)."""
+    counts = set()
+    for arch in normfree.ARCHS:
+        for width in (0.0625, 0.125, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 8, 10):
+            try:
+                a = normfree.make_arch(arch, width=width)
+            except ValueError:
+                continue
+            counts.update(a.widths)
+            counts.add(a.stem_width)
+            if a.block == "bottleneck":
+                counts.update(w // 4 for w in a.widths)
+    return sorted(counts)
+
+
+def test_groupnorm_never_degenerates_to_instancenorm():
+    model = small("gn_wrn", width=1)  # 16, 32 and 64 channels
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(1 < n.num_groups < n.num_channels for n in norms)
+    from normfree.blocks import group_count
+    counts = _registry_channel_counts()
+    assert {16, 32, 64, 128, 256, 2048} <= set(counts)
+    for c in counts:
+        g = group_count(c)
+        assert c % g == 0 and g <= 32, c
+        if c >= 2:
+            assert g < c and c // g >= 2, (c, g)  # never InstanceNorm
+        if c % 32 == 0 and c >= 64:
+            assert g == 32, c  # Wu & He's G = 32 wherever it leaves >= 2 channels per group
+    assert [group_count(c) for c in (1, 2, 3, 7, 16, 32, 48)] == [1, 1, 1, 1, 8, 16, 24]
+
+
+def test_stochastic_depth_indexes_blocks_from_zero_like_the_official_code():
+    """DeepMind nf_resnet.py / skipinit_resnet.py: rate = p * index / L, index = 0..L-1."""
+    model = small("nf_wrn", depth=16, drop_path=0.1)
+    rates = [b.drop_path for b in blocks_of(model)]
+    L = len(rates)
+    assert rates == pytest.approx([0.1 * i / L for i in range(L)])
+    assert rates[0] == 0.0
+
+
+def test_method_docs_give_formula_and_official_source():
+    for name, scheme in SCHEMES.items():
+        assert "=" in scheme.doc, name
+    for name in ("nf", "nf_he", "skipinit", "bn"):
+        assert "deepmind-research/nfnets/" in SCHEMES[name].doc
+    assert "hongyi-zhang/Fixup" in SCHEMES["fixup"].doc and "hukkai/rescaling" in SCHEMES["rescale"].doc
+    with pytest.raises(TypeError, match="unknown option 'doc'"):
+        normfree.make_scheme("nf", doc="x")
+
+
+# --------------------------------------------------------------------------
+# numeric arguments (issue 14, class 7)
+# --------------------------------------------------------------------------
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(alpha=NAN), r"alpha must be a finite number.*got nan"),
+    (dict(alpha=INF), r"alpha must be a finite number.*got inf"),
+    (dict(alpha=11.0), r"alpha must be a finite number in \(0, 10\], got 11.0"),
+    (dict(alpha=True), r"alpha must be a finite number.*got True"),
+    (dict(gain_init=NAN), r"gain_init must be None, a finite number.*got nan"),
+    (dict(gain_init=-INF), r"gain_init must be.*got -inf"),
+    (dict(gain_init=1e9), r"gain_init must be.*\[-100, 100\].*got 1000000000.0"),
+    (dict(dropout=NAN), r"dropout must be a number in \[0, 1\), got nan"),
+    (dict(drop_path=INF), r"drop_path must be a number in \[0, 1\), got inf"),
+    (dict(width=NAN), r"width must be a finite number > 0, got nan"),
+    (dict(width=INF), r"width must be a finite number > 0, got inf"),
+    (dict(width=-1), r"width must be a finite number > 0, got -1"),
+    (dict(width=1000), r"width 1000 gives wrn a layer of 64000 channels; allowed: up to 16384 \(width <= 256\)"),
+    (dict(depth=100_006), r"depth 100006 does not fit wrn: allowed depths are 6n\+4 with n >= 1, up to 10000"),
+    (dict(depth=16.0), r"depth 16.0 does not fit wrn"),
+    (dict(depth=True), r"depth True does not fit wrn"),
+    (dict(num_classes=10 ** 7), r"num_classes must be an integer from 1 to 100000, got 10000000"),
+    (dict(num_classes=NAN), r"num_classes must be an integer from 1 to 100000, got nan"),
+    (dict(in_chans=5000), r"in_chans must be an integer from 1 to 1024, got 5000"),
+    (dict(in_chans=3.0), r"in_chans must be an integer from 1 to 1024, got 3.0"),
+])
+def test_numeric_arguments_are_validated_with_the_bad_value_named(kwargs, pattern):
+    method = "nf" if {"alpha", "gain_init"} & set(kwargs) else "skipinit"
+    with pytest.raises(ValueError, match=pattern):
+        normfree.create_model(f"{method}_wrn", **kwargs)
+
+
+def test_resnet_width_bound_and_name_encoded_size_conflicts():
+    with pytest.raises(ValueError, match=r"width 16 gives resnet50 a layer of 32768 channels.*width <= 8"):
+        normfree.make_arch("resnet50", width=16)
+    with pytest.raises(ValueError, match=r"'skipinit_wrn_1000_4' encodes depth 1000, but depth=16 was given"):
+        normfree.create_model("skipinit_wrn_1000_4", depth=16)
+    with pytest.raises(ValueError, match=r"encodes width 4, but width=2 was given"):
+        normfree.create_model("skipinit_wrn_28_4", width=2)
+    with pytest.raises(ValueError, match=r"resnet50 has depth 50; got depth=101"):
+        normfree.create_model("nf_resnet50", depth=101)
+    # the same value twice is not a conflict
+    assert normfree.create_model("skipinit_wrn_16_2", depth=16, width=2).arch.widths == (32, 64, 128)
+    assert normfree.create_model("nf_resnet50", depth=50, width=0.0625).arch.depths == (3, 4, 6, 3)

@@ -2,7 +2,9 @@
 Performance Large-Scale Image Recognition Without Normalization", NFNets).
 
 For every unit i of a parameter W with gradient G (a row of a Linear weight,
-an output filter of a conv weight; a scalar or vector parameter is one unit):
+an output filter of a conv weight; a scalar, a vector or a gain of shape
+(C, 1, 1, 1) is one unit; :func:`unitwise_norm`, after DeepMind's
+deepmind-research/nfnets/agc_optax.py):
 
     if ||G_i|| > lambda * max(||W_i||, eps):
         G_i <- G_i * lambda * max(||W_i||, eps) / max(||G_i||, 1e-6)
@@ -29,11 +31,15 @@ ParamsLike = Union[torch.Tensor, Iterable[torch.Tensor]]
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     """Norm of each unit of ``x``, shaped to broadcast against ``x``.
 
-    0-d and 1-d tensors (gains, biases) are one unit: the norm of everything.
+    Scalars, vectors and tensors whose dims after the first are all 1 (a
+    Scaled-WS gain of shape (C, 1, 1, 1)) are one unit: the norm of everything,
+    as in DeepMind's nfnets/agc_optax.py (``len(jnp.squeeze(x).shape) <= 1``).
     Otherwise one norm per slice along dim 0 (rows of a Linear weight, output
-    filters of a conv weight), over all other dims, with keepdim.
+    filters of a conv weight), over all other dims, with keepdim: the official
+    code's axis 0 of an (in, out) Linear kernel and axes (0, 1, 2) of an HWIO
+    conv kernel, in PyTorch's (out, ...) layout.
     """
-    if x.dim() <= 1:
+    if all(n == 1 for n in x.shape[1:]):
         return torch.linalg.vector_norm(x)
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), keepdim=True)
 

@@ -1,24 +1,28 @@
 """THE residual block: one pre-activation block (basic or bottleneck) whose
 normalization, initialization and scaling come from a :class:`Scheme`.
 
-    y = s_skip * skip(x) + s_branch * f(x)
+    h    = pre(x) * in_scale                      pre-activation
+    skip = x, or shortcut(h), or pool_pad(x)      skip path
+    f    = branch(h)                              the residual branch
+    y    = s_skip * skip + s_branch * f  [+ b]    (b: Fixup's bias after the branch)
 
-* ``f`` is the branch: pre-activation, then m convolutions (m = 2 basic,
-  3 bottleneck) with norm/act between them (He et al. 2016b, ResNet-V2).
+* ``pre`` is the activation (with its norm for bn/gn/ln/in); ``branch`` is m
+  convolutions (m = 2 basic, 3 bottleneck) with norm/act between them (He et
+  al. 2016b, ResNet-V2).
 * ``skip`` is the identity, or at a transition a 1x1 conv of the
   pre-activated input (or Fixup's average-pool + zero-channel padding).
-* ``s_branch`` = NF alpha x RescaleNet b_l x learnable gain (SkipInit / Fixup
-  multiplier); ``s_skip`` = RescaleNet a_l (else 1).
-* NF-ResNets (Brock et al. 2021): the pre-activation is ``act(x) * gamma / beta``
-  with ``beta = sqrt(expected Var(x))`` and every mid activation is
-  multiplied by gamma.
+* ``s_branch`` = NF alpha x RescaleNet b_l x Balduzzi alpha x Szegedy beta x
+  Hanin b^l x learnable gain (SkipInit, NF, Fixup multiplier, RescaleNet);
+  ``s_skip`` = RescaleNet a_l x Balduzzi alpha (else 1).
+* NF-ResNets (Brock et al. 2021): ``in_scale = gamma / beta`` with
+  ``beta = sqrt(expected Var(x))``, and every mid activation is multiplied by
+  gamma (``mid_scale``).
 
-With ``fold=True`` (default) every scalar multiplier is folded into the
-adjacent convolution's weight (exact, since convolutions are linear), so no
-extra pass over activation maps is spent on them. With ``fold=False`` the
-block computes the same thing step by step and passes the unscaled branch
-output f(x) through ``self.branch_out`` (an ``nn.Identity``): hook it to
-observe f(x) before any gain. :func:`unfolded` switches a whole model.
+:meth:`ResidualBlock.forward` reads as these four lines when
+``block.fold_scalars`` is False (the reference path). With it True (the
+default) the same result is computed with every scalar folded into the
+adjacent convolution's weight, which is exact since convolutions are linear;
+:func:`unfolded` switches a whole model to the reference path.
 """
 from __future__ import annotations
 
@@ -30,8 +34,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Activation, Conv2d, ScalarBias, ScalarGain, ScaledStdConv2d, activation_gamma, drop_path
+from .layers import (Activation, Conv2d, ScalarBias, ScalarGain, ScaledStdConv2d, WeightNormConv2d,
+                     activation_gamma, activation_he_gain, drop_path)
 from .schemes import Scheme
+
+MAX_GROUPS = 32  # Wu & He (2018)'s default number of groups
+
+
+def group_count(channels: int) -> int:
+    """GroupNorm's number of groups G for ``channels`` C: the largest divisor of C
+    that is at most 32 (Wu & He 2018's default G) and leaves at least 2 channels
+    per group. So ``gn`` never degenerates to InstanceNorm (G = C, ``in``), and
+    it is Wu & He's G = 32 wherever C is a multiple of 32 of at least 64 (every
+    layer of a ResNet-50; a WRN from width 4). Examples: C = 16 -> 8, 32 -> 16,
+    48 -> 24, 64 -> 32; C = 2, 3 or prime -> 1 (= ``ln``); C = 1 -> 1 (one
+    channel: every norm is the same)."""
+    for g in range(min(MAX_GROUPS, channels // 2), 1, -1):
+        if channels % g == 0:
+            return g
+    return 1
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -39,8 +60,7 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm2d(channels)
     if kind == "gn":
-        groups = math.gcd(32, channels)
-        return nn.GroupNorm(groups, channels)
+        return nn.GroupNorm(group_count(channels), channels)
     if kind == "ln":
         return nn.GroupNorm(1, channels)
     if kind == "in":
@@ -69,21 +89,47 @@ def norm_act(scheme: Scheme, channels: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_conv(scheme: Scheme, cin: int, cout: int, kernel: int, stride: int = 1) -> Conv2d:
-    """A conv of the scheme's kind: ScaledStdConv2d ("ws") or He-initialized Conv2d."""
+def make_conv(scheme: Scheme, cin: int, cout: int, kernel: int, stride: int = 1, *,
+              input_act: Optional[str] = None) -> Conv2d:
+    """A conv of the scheme's kind, initialized for the activation that feeds it.
+
+    "ws": :class:`ScaledStdConv2d`, W ~ N(0, 1 / fan_in) (standardization makes the
+    scale irrelevant; DeepMind's WSConv2D draws the same). "plain": He et al. (2015)
+    fan-in init, W ~ N(0, gain^2 / fan_in) with gain = 1 / sqrt(E[act(z)^2]), z ~ N(0, 1)
+    (:func:`~normfree.layers.activation_he_gain`: sqrt(2) for ReLU, ~1.53 for GELU) for
+    ``input_act`` (default: the scheme's activation; ``"identity"`` for a linear input
+    such as the stem's). NF's plain convs (``nf_he``) get gain 1: NF's gamma already
+    makes the activation unit-variance. Biases start at 0.
+
+    "wn" / "cwn": :class:`WeightNormConv2d`, direction v ~ N(0, 1 / fan_in) and gain
+    g = the He gain above, so that ``||W_hat|| = g`` is what a He-initialized row has
+    in expectation. With ``init="arpit"`` (Arpit et al. 2019; victorcampos7/weightnorm-init
+    src/models/init.py, ``orthogonal_`` then ``proposed_weight_norm_g_init``): v orthogonal
+    and g = sqrt(G^2 cin / cout), G the He gain (the block scales its last conv's g by
+    sqrt(1/L)).
+    """
     pad = kernel // 2
     if scheme.conv == "ws":
         conv = ScaledStdConv2d(cin, cout, kernel, stride=stride, padding=pad, bias=scheme.conv_bias)
         nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
         return conv
+    act = "identity" if scheme.nf_alpha is not None else (input_act or scheme.act)
+    if scheme.conv in ("wn", "cwn"):
+        conv = WeightNormConv2d(cin, cout, kernel, stride=stride, padding=pad, bias=scheme.conv_bias,
+                                center=scheme.conv == "cwn")
+        g = activation_he_gain(act)
+        if scheme.init == "arpit":
+            nn.init.orthogonal_(conv.weight)
+            g *= math.sqrt(cin / cout)
+        else:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
+        nn.init.constant_(conv.gain, g)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+        return conv
     conv = Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=scheme.conv_bias)
-    # NF-He: gamma already makes the activation unit-variance -> gain 1.
-    # Otherwise He et al. 2015 (fan-in) for the activation in use.
-    if scheme.nf_alpha is not None or scheme.act not in ("relu", "tanh", "sigmoid"):
-        nonlinearity = "linear"
-    else:
-        nonlinearity = scheme.act
-    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity=nonlinearity)
+    fan_in = conv.weight[0].numel()
+    nn.init.normal_(conv.weight, 0.0, activation_he_gain(act) / math.sqrt(fan_in))
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
     return conv
@@ -118,6 +164,30 @@ class ResidualBlock(nn.Module):
         num_blocks: L, the number of residual blocks in the network.
         expected_var: NF only, the analytically tracked Var(x) of the input.
         drop_path: stochastic-depth probability of this block.
+
+    Public parts (what :mod:`normfree.signal` and :mod:`normfree.fold` use):
+
+    * :meth:`preact`, :meth:`skip`, :meth:`branch`: the steps h, skip and f of
+      the module docstring's formula; :meth:`branch_scale` is s_branch
+      (``branch_const`` x ``gain``), ``skip_scale`` is s_skip (None means 1),
+      :meth:`branch_bias` is b.
+    * ``branch_out``: an ``nn.Identity`` that f passes through on the reference
+      path (hook it to observe f before any scalar).
+    * the parts of f: ``pre``, ``convs``, ``mids`` (the norm/act units between
+      convs), ``in_scale`` (NF gamma/beta after ``pre``), ``mid_scale`` (NF gamma
+      after each mid unit), ``shortcut`` (None: identity) and
+      ``shortcut_uses_preact``, ``gain`` (:class:`ScalarGain` or None),
+      ``out_bias`` (Fixup's :class:`ScalarBias` after the branch, or None);
+      ``alpha``, ``expected_var``, ``beta`` (NF), ``in_channels``,
+      ``out_channels``, ``stride``.
+
+    Switches, each with the reference computation as its other branch:
+
+    * ``fold_scalars`` (True): fold every scalar multiplier into a convolution's
+      weight (:meth:`_forward_folded`) instead of multiplying activation maps.
+    * ``fold_biases`` (True; only with ``fold_scalars``): Fixup's scalar biases
+      ride in the convolutions too (as conv biases, or ``conv(x) + b conv(1)``).
+    * the no-grad weight cache of each convolution: ``Conv2d.cache_weights``.
     """
 
     def __init__(self, cin: int, cout: int, stride: int, scheme: Scheme, *, bottleneck: bool = False,
@@ -125,8 +195,10 @@ class ResidualBlock(nn.Module):
         super().__init__()
         self.scheme_name = scheme.name
         self.index = index
+        self.in_channels, self.out_channels, self.stride = cin, cout, stride
         self.drop_path = drop_path
-        self.fold = True
+        self.fold_scalars = True
+        self.fold_biases = True
         mid = cout // 4 if bottleneck else cout
         if bottleneck:
             shapes = [(cin, mid, 1, 1), (mid, mid, 3, stride), (mid, cout, 1, 1)]
@@ -138,34 +210,40 @@ class ResidualBlock(nn.Module):
         self.mids = nn.ModuleList(norm_act(scheme, s[1]) for s in shapes[:-1])
         self.branch_out = nn.Identity()
 
-        needs_projection = stride != 1 or cin != cout
         self.shortcut: Optional[nn.Module] = None
         self.shortcut_uses_preact = False
-        if needs_projection:
+        if stride != 1 or cin != cout:
             if scheme.shortcut == "pool_pad":
                 self.shortcut = PoolPadShortcut(cin, cout, stride)
             else:
                 self.shortcut = make_conv(scheme, cin, cout, 1, stride)
                 self.shortcut_uses_preact = True
 
-        # --- scalar multipliers (all folded into convs when self.fold) ---
-        gamma = activation_gamma(scheme.act) if scheme.nf_alpha is not None else None
-        self.expected_var = expected_var if scheme.nf_alpha is not None else None
-        self.beta = math.sqrt(expected_var) if scheme.nf_alpha is not None else None
-        self.in_scale: Optional[float] = gamma / self.beta if gamma is not None else None
+        # --- scalar multipliers ---
+        nf = scheme.nf_alpha is not None
+        gamma = activation_gamma(scheme.act) if nf else None
+        self.alpha: Optional[float] = scheme.nf_alpha
+        self.expected_var = expected_var if nf else None
+        self.beta = math.sqrt(expected_var) if nf else None
+        self.in_scale: Optional[float] = gamma / self.beta if nf else None
         self.mid_scale: Optional[float] = gamma
         const = 1.0
         self.skip_scale: Optional[float] = None
-        if scheme.nf_alpha is not None:
+        if nf:
             const *= scheme.nf_alpha
-        if scheme.rescale:
-            b2 = 1.0 / (index + num_blocks)
+        if scheme.rescale:  # b_l^2 = 1 / (l + L - 1): the hukkai/rescaling code's effective value
+            b2 = 1.0 / (index + num_blocks - 1)
             const *= math.sqrt(b2)
             self.skip_scale = math.sqrt(1.0 - b2)
+        if scheme.skip_alpha is not None:  # Balduzzi: y = alpha skip + f(alpha x) = alpha (skip + f) for ReLU
+            const *= scheme.skip_alpha
+            self.skip_scale = scheme.skip_alpha * (1.0 if self.skip_scale is None else self.skip_scale)
+        if scheme.branch_beta is not None:  # Szegedy: y = x + beta f(x)
+            const *= scheme.branch_beta
+        if scheme.beta_decay is not None:  # Hanin & Rolnick: beta_l = b^l, l = 1..L
+            const *= scheme.beta_decay ** index
         self.branch_const: Optional[float] = None if const == 1.0 else const
-        g0 = scheme.initial_gain(num_blocks)
-        if scheme.fixup:
-            g0 = 1.0
+        g0 = 1.0 if scheme.fixup else scheme.initial_gain(num_blocks)
         self.gain = ScalarGain(g0) if g0 is not None else None
         self.out_bias = ScalarBias() if scheme.fixup else None
 
@@ -176,93 +254,112 @@ class ResidualBlock(nn.Module):
                 for conv in self.convs[:-1]:
                     conv.weight.mul_(factor)
                 nn.init.zeros_(self.convs[-1].weight)
+        if scheme.init == "arpit":  # the last WN layer of each branch: g^2 x 1/L (weightnorm-init's 1/N)
+            with torch.no_grad():
+                self.convs[-1].gain.mul_(math.sqrt(1.0 / num_blocks))
 
     @property
     def expected_var_out(self) -> Optional[float]:
-        """NF: the tracked Var of the output, Var_in + alpha^2 (1 + alpha^2 at transitions)."""
+        """NF: the tracked Var of the output, Var_in + alpha^2 (1 + alpha^2 after a
+        transition), whatever the gain, as in DeepMind's nf_resnet.py."""
         if self.expected_var is None:
             return None
-        alpha = self.branch_const
         base = 1.0 if self.shortcut_uses_preact else self.expected_var
-        return base + alpha ** 2
+        return base + self.alpha ** 2
+
+    # --- the formula, step by step ---
+    def preact(self, x: torch.Tensor) -> torch.Tensor:
+        """h = pre(x) * in_scale: the input of the branch (and of a conv shortcut)."""
+        h = self.pre(x)
+        return h if self.in_scale is None else h * self.in_scale
+
+    def skip(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The skip path (before s_skip): x, shortcut(h), or pool_pad(x)."""
+        if self.shortcut is None:
+            return x
+        return self.shortcut(h) if self.shortcut_uses_preact else self.shortcut(x)
+
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
+        """f = convs[-1](... mids[0](convs[0](h)) * mid_scale ...): the residual
+        branch on the pre-activated input, before any scalar."""
+        f = self.convs[0](h)
+        for unit, conv in zip(self.mids, self.convs[1:]):
+            a = unit(f)
+            f = conv(a if self.mid_scale is None else a * self.mid_scale)
+        return f
 
     def branch_scale(self):
-        """s_branch: the product of the branch's constant and learnable scalars (or None)."""
+        """s_branch: NF alpha x RescaleNet b_l (``branch_const``) x the learnable gain; None if none."""
         s = self.branch_const
         if self.gain is not None:
             s = self.gain.gain if s is None else self.gain.gain * s
         return s
 
-    def _out_scales(self):
-        # branch_scale() as separate factors, so that the conv's weight cache
-        # (see normfree.layers.Conv2d) sees the same gain tensor on every call
-        if self.gain is None:
-            return self.branch_const
-        if self.branch_const is None:
-            return self.gain.gain
-        return (self.gain.gain, self.branch_const)
-
-    def _unit(self, unit: nn.Sequential, x: torch.Tensor, fold: bool, lead_folded: bool = False):
-        """(unit(x), None), or, when folding a trailing Fixup scalar bias into the
-        next conv (``conv(.., in_bias=b)``), (unit(x) without it, b). With
-        ``lead_folded`` the unit's leading scalar bias was already added by the
-        previous conv (as its ``add_bias``) and is skipped here."""
-        layers = list(unit)[1:] if lead_folded else list(unit)
-        if fold and len(layers) > 1 and isinstance(layers[-1], ScalarBias):
-            for m in layers[:-1]:
-                x = m(x)
-            return x, layers[-1].bias
-        for m in layers:
-            x = m(x)
-        return x, None
-
-    def _lead_bias(self, i: int, fold: bool) -> Optional[torch.Tensor]:
-        """Fixup's scalar bias at the start of mid unit ``i`` (before its activation),
-        which conv ``i`` adds as its ``add_bias`` when folding (exact: it follows the conv)."""
-        if fold and i < len(self.mids) and isinstance(self.mids[i][0], ScalarBias):
-            return self.mids[i][0].bias
-        return None
+    def branch_bias(self) -> Optional[torch.Tensor]:
+        """b: Fixup's scalar bias added after s_branch * f (None for other methods)."""
+        return None if self.out_bias is None else self.out_bias.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fold = self.fold
-        out, b_in = self._unit(self.pre, x, fold)
-        s_in = self.in_scale
-        if s_in is not None and not fold:
-            out = out * s_in
-            s_in = None
+        if self.fold_scalars:
+            return self._forward_folded(x)
+        h = self.preact(x)
+        skip = self.skip(x, h)
+        f = self.branch_out(self.branch(h))
+        s = self.branch_scale()
+        r = f if s is None else s * f
+        if self.out_bias is not None:
+            r = self.out_bias(r)
+        r = drop_path(r, self.drop_path, self.training)
+        return r + (skip if self.skip_scale is None else self.skip_scale * skip)
+
+    # --- the same, every scalar folded into a convolution ---
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with every scalar folded into a convolution:
+        ``conv(t, in_scale=a, out_scale=s, add_bias=c, in_bias=d) = s * conv(a * (t + d)) + c``
+        is exact (a convolution is linear) and scales the small weight, not the
+        activation map. With ``fold_biases`` Fixup's biases ride along: the one
+        before a conv as its ``in_bias``, the one before a mid activation in the
+        previous conv's bias, the one after the branch in the last conv's bias."""
+        h, b = self._unit(self.pre, x)  # b: a Fixup bias left for the convs that take h
+        a = self.in_scale
         if self.shortcut is None:
             skip = x
         elif self.shortcut_uses_preact:
-            skip = self.shortcut(out, in_scale=s_in, in_bias=b_in)
+            skip = self.shortcut(h, in_scale=a, in_bias=b)
         else:
             skip = self.shortcut(x)
-
-        r, lead = out, None
-        last = len(self.convs) - 1
-        for i, conv in enumerate(self.convs):
-            if i > 0:
-                r, b_in = self._unit(self.mids[i - 1], r, fold, lead_folded=lead is not None)
-                s_in = self.mid_scale
-                if s_in is not None and not fold:
-                    r = r * s_in
-                    s_in = None
-            if i == last and fold:  # Fixup's bias after the branch goes into the conv bias
-                out_bias = self.out_bias.bias if self.out_bias is not None else None
-                r = conv(r, in_scale=s_in, out_scale=self._out_scales(), add_bias=out_bias, in_bias=b_in)
-            else:  # Fixup's bias before the next activation goes into this conv's bias
-                lead = self._lead_bias(i, fold)
-                r = conv(r, in_scale=s_in, add_bias=lead, in_bias=b_in)
-        if not fold:
-            r = self.branch_out(r)
-            s = self.branch_scale()
-            if s is not None:
-                r = r * s
-        if self.out_bias is not None and not fold:
+        r = h
+        for conv, unit in zip(self.convs, self.mids):
+            lead = self._lead_bias(unit)
+            r = conv(r, in_scale=a, in_bias=b, add_bias=lead)
+            r, b = self._unit(unit, r, skip_lead=lead is not None)
+            a = self.mid_scale
+        gain = None if self.gain is None else self.gain.gain
+        out_bias = None if self.out_bias is None else self.out_bias.bias
+        r = self.convs[-1](r, in_scale=a, in_bias=b, out_scale=(gain, self.branch_const),
+                           add_bias=out_bias if self.fold_biases else None)
+        if out_bias is not None and not self.fold_biases:
             r = self.out_bias(r)
         r = drop_path(r, self.drop_path, self.training)
-        if self.skip_scale is not None:
-            return torch.add(r, skip, alpha=self.skip_scale)
-        return skip + r
+        return r + skip if self.skip_scale is None else torch.add(r, skip, alpha=self.skip_scale)
+
+    def _unit(self, unit: nn.Sequential, t: torch.Tensor, skip_lead: bool = False):
+        """(unit(t), None); with ``fold_biases`` a trailing Fixup bias is not added but
+        returned, for the next conv's ``in_bias``. ``skip_lead``: the unit's leading
+        bias was already added by the conv before it."""
+        layers = list(unit)[1:] if skip_lead else list(unit)
+        trail = None
+        if self.fold_biases and len(layers) > 1 and isinstance(layers[-1], ScalarBias):
+            trail = layers.pop().bias
+        for m in layers:
+            t = m(t)
+        return t, trail
+
+    def _lead_bias(self, unit: nn.Sequential) -> Optional[torch.Tensor]:
+        """With ``fold_biases``: Fixup's bias at the start of ``unit`` (before its activation)."""
+        if self.fold_biases and isinstance(unit[0], ScalarBias):
+            return unit[0].bias
+        return None
 
     def extra_repr(self) -> str:
         parts = [f"scheme={self.scheme_name}", f"index={self.index}"]
@@ -277,14 +374,15 @@ class ResidualBlock(nn.Module):
 
 @contextlib.contextmanager
 def unfolded(model: nn.Module):
-    """Temporarily compute every :class:`ResidualBlock` of ``model`` step by step
-    (no scalar folding), so hooks on ``block.branch_out`` see f(x) before any gain."""
+    """Temporarily run every :class:`ResidualBlock` of ``model`` on its reference
+    path (``fold_scalars = False``: the formula step by step, f(x) through
+    ``block.branch_out``)."""
     blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
-    saved = [b.fold for b in blocks]
+    saved = [b.fold_scalars for b in blocks]
     try:
         for b in blocks:
-            b.fold = False
+            b.fold_scalars = False
         yield model
     finally:
         for b, f in zip(blocks, saved):
-            b.fold = f
+            b.fold_scalars = f

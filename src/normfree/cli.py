@@ -137,8 +137,12 @@ def add_train(sub) -> None:
 
     p = sub.add_parser(
         "train", help="train a model (SGD/AdamW, schedules, AGC, checkpoints, resume, DDP)",
-        description="Train a registered model on a data set. Metrics (metrics.jsonl, metrics.csv), "
-                    "config.json, summary.json and checkpoint.pt are written inside --out. The model's "
+        description="Train a model on a data set: a registered normfree model, or your own "
+                    "(--model package.module:factory, timm:NAME, torchvision:NAME; --convert METHOD makes it "
+                    "BN-free first) on built-in data or yours (--data package.module:function returning a torch "
+                    "Dataset or DataLoader). Metrics (metrics.jsonl, metrics.csv), config.json, summary.json, "
+                    "checkpoint.pt and model.safetensors are written inside --out (TensorBoard logs under "
+                    "OUT/tb when tensorboard is installed: pip install normfree[tensorboard]). The model's "
                     "input channels and classes follow the data. Under `torchrun --nproc_per_node=N` "
                     "the same command runs DistributedDataParallel (--batch-size stays global).",
         epilog=f"exit status: 0 ok (or stopped by --stop-after-steps), 2 bad input or a file that cannot be "
@@ -193,8 +197,15 @@ def add_spp(sub) -> None:
                        description="Feed N(0,1) noise through freshly initialized models and plot, per residual "
                                    "block, the squared channel mean, the channel variance and the residual-branch "
                                    "variance (Brock et al. 2021). Writes OUT (.png and .svg), .csv/.json beside it, and "
-                                   "OUT_paths (.png, .svg): residual-to-skip ratios and path lengths.")
-    p.add_argument("--model", required=True, help="model name, e.g. nf_resnet50 or nf_wrn (see `normfree models`)")
+                                   "OUT_paths (.png, .svg): residual-to-skip ratios and path lengths. NF models (nf, "
+                                   "nf_he) are drawn with their SkipInit gain at 1, as in the paper's SPPs (it is 0 "
+                                   "at initialization for training); their label says '(gain 1)'.")
+    p.add_argument("--model", required=True,
+                   help="model name, e.g. nf_resnet50 or nf_wrn (see `normfree models`), or package.module:factory, "
+                        "timm:NAME, torchvision:NAME (foreign models: 10 classes, --in-chans channels)")
+    p.add_argument("--convert", default=None, metavar="METHOD",
+                   help="convert the --model (a foreign one) with normfree.convert first: skipinit, nf, none, gn, "
+                        "ln or in; --compare models stay as they are")
     p.add_argument("--compare", nargs="*", default=[], metavar="NAME", help="more models on the same figure")
     p.add_argument("--depth", type=int_in(1, 20_000), default=None, help="WRN depth 6n+4 (default 16)")
     p.add_argument("--width", type=float_in(0, 100), default=None, help="WRN width k / ResNet channel multiplier")
@@ -206,36 +217,38 @@ def add_spp(sub) -> None:
     p.add_argument("--chunk", type=int_in(1, 65536), default=None, help="samples per forward pass (default: auto)")
     p.add_argument("--seed", type=int_in(0, 2 ** 62 - 1), default=0, help="seed of the weights and of the noise")
     p.add_argument("--out", default="spp.png", help="figure path; .csv and .json are written beside it")
+    p.add_argument("--nf-gain", type=float_in(-100, 100), default=1.0,
+                   help="SkipInit gain of NF models in the plot (default 1, as in the paper's SPPs)")
     p.add_argument("--grads", action="store_true",
                    help="also measure per-block gradient norms (cross-entropy, random labels): OUT_grads")
 
     def run(args) -> int:
         import os
 
-        from .models import parse_model_name
+        from .factory import check_model_names, compare_specs
         from .plots import plot_gradients, plot_paths, plot_spp
-        from .signal import compare_models, format_table, write_csv, write_json
+        from .signal import format_table, write_csv, write_json
 
         names = [args.model] + list(args.compare)
-        for name in names:  # every name and size checked before the first model is measured
-            _, _, size = parse_model_name(name)
-            for key in ("depth", "width"):
-                given = getattr(args, key)
-                if key in size and given is not None and given != size[key]:
-                    raise ValueError(f"model {name!r} says {key} {size[key]}, but --{key} {given:g} was also "
-                                     f"given: give the {key} once")
+        check_model_names(names, depth=args.depth, width=args.width, convert={0: args.convert})
         prepare_output(args.out if args.out.lower().endswith((".png", ".svg")) else args.out + ".png")
-        results, preds = compare_models(names, batch=args.batch, resolution=args.resolution,
-                                        in_chans=args.in_chans, chunk_size=args.chunk, seed=args.seed,
-                                        depth=args.depth, width=args.width, grads=args.grads)
+        specs = [(args.model, args.convert)] + [(name, None) for name in args.compare]
+        results, preds = compare_specs(specs, batch=args.batch, resolution=args.resolution,
+                                       in_chans=args.in_chans, chunk_size=args.chunk, seed=args.seed,
+                                       depth=args.depth, width=args.width, grads=args.grads,
+                                       nf_gain=args.nf_gain)
         stem = os.path.splitext(args.out)[0] if args.out.lower().endswith((".png", ".svg")) else args.out
         figs = plot_spp(results, stem + ".png", predictions=preds)
         figs += plot_paths(results, stem + "_paths.png")
         if args.grads:
             figs += plot_gradients({k: v.grads for k, v in results.items()}, stem + "_grads.png")
-        meta = {k: getattr(args, k) for k in ("depth", "width", "batch", "resolution", "in_chans", "chunk", "seed")}
+        meta = {k: getattr(args, k) for k in ("depth", "width", "batch", "resolution", "in_chans", "chunk", "seed",
+                                              "nf_gain", "convert")}
         files = figs + [write_csv(results, stem + ".csv", preds), write_json(results, stem + ".json", preds, meta)]
         print(format_table(results, preds))
+        if any(getattr(st, "nf_gain", None) is not None for st in results.values()):
+            print(f"NF models drawn with their SkipInit gain at {args.nf_gain:g} (paper's SPP convention; "
+                  f"0 at initialization for training)")
         print("wrote " + ", ".join(files))
         return 0
 
@@ -325,18 +338,26 @@ def add_study(sub) -> None:
 
 def add_export(sub) -> None:
     p = sub.add_parser(
-        "export", help="write a trained model as plain convolutions (a torch.export program)",
+        "export", help="write a trained model as plain convolutions (a torch.export program) and as safetensors",
         description="Load a checkpoint written by `normfree train` (weights_only), fold every scalar of a "
                     "BN-free model (NF / SkipInit / Fixup / RescaleNet) into plain convolutions, check that "
                     "the result computes the same outputs, and write it as a torch.export program that runs "
                     "without normfree: torch.export.load(OUT).module()(x). x is normalized like the training "
                     "data: (pixels / 255 - mean) / std, with mean, std, input shape and classes written to "
-                    "OUT with the suffix .json.")
+                    "OUT with the suffix .json. Beside it, model.safetensors holds the trained (unfolded) weights "
+                    "with the run's configuration as JSON metadata, for normfree.load_model and the Hugging Face "
+                    "hub.")
     p.add_argument("checkpoint", help="checkpoint.pt, or the run directory (--out of normfree train) holding it")
     p.add_argument("--out", default=None, help="output file (default: model.pt2 beside the checkpoint)")
     p.add_argument("--size", type=int_in(1, 4096), nargs=2, default=None, metavar=("H", "W"),
                    help="input height and width (default: the training data's, stored in the checkpoint)")
     p.add_argument("--no-fold", action="store_true", help="export the model as it is, without folding")
+    p.add_argument("--format", choices=("both", "pt2", "safetensors"), default="both",
+                   help="pt2: the folded torch.export program (+ .json); safetensors: the trained weights with "
+                        "their configuration as JSON metadata, loadable by normfree.load_model (default: both)")
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="package.module:factory that builds the checkpoint's architecture: needed for a model "
+                        "passed to normfree.train as an object (runs of --model SPEC rebuild it by themselves)")
 
     def run(args) -> int:
         import json
@@ -346,28 +367,43 @@ def add_export(sub) -> None:
         from .fold import export_model
         from .atomic import write_text
         from .train import load_checkpoint, model_from_checkpoint
+        from .train.weights import save_weights
 
         ckpt = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(ckpt)
+        model = model_from_checkpoint(ckpt, factory=args.model)
         info = dict(ckpt["input"] or {})
         if args.size:
-            info["shape"] = [model.in_chans] + list(args.size)
-        if "shape" not in info:
+            chans = info["shape"][0] if info.get("shape") else getattr(model, "in_chans", None)
+            if chans is None:
+                raise ValueError("this checkpoint does not record its input channels: --size cannot be used")
+            info["shape"] = [chans] + list(args.size)
+        if not info.get("shape"):
             raise ValueError("this checkpoint does not record its input size: give --size H W")
         run_dir = os.path.dirname(ckpt["path"])
-        out = prepare_output(args.out or os.path.join(run_dir, "model.pt2"))
+        default = os.path.join(run_dir, "model.pt2" if args.format != "safetensors" else "model.safetensors")
+        out = prepare_output(args.out or default)
+        stem = os.path.splitext(out)[0] if out.endswith((".pt2", ".safetensors")) else out
         note = unfinished_run_note(ckpt)
         if note:
             print(f"normfree export: note: {note}", file=sys.stderr)
-        example = torch.randn(2, *info["shape"], generator=torch.Generator().manual_seed(0))
-        result = export_model(model, example, out, fold=not args.no_fold)
-        meta = {"model": ckpt["config"]["model"], "step": ckpt["step"], "folded": result["folded"],
-                "max_abs_diff": result["max_abs_diff"], "input": info}
-        stem = out[:-4] if out.endswith(".pt2") else out
-        write_text(stem + ".json", json.dumps(meta, indent=2) + "\n")
-        what = "folded into plain convolutions" if result["folded"] else "not folded"
-        print(f"wrote {out} ({ckpt['config']['model']}, step {ckpt['step']}, {what}; max |difference| to "
-              f"the checkpoint's model {result['max_abs_diff']:.2e}) and {stem}.json")
+        name = ckpt["config"]["model"] or (ckpt.get("model_info") or {}).get("class", "model")
+        written = []
+        if args.format in ("both", "pt2"):
+            pt2 = out if args.format == "pt2" or out.endswith(".pt2") else stem + ".pt2"
+            example = torch.randn(2, *info["shape"], generator=torch.Generator().manual_seed(0))
+            result = export_model(model, example, pt2, fold=not args.no_fold)
+            meta = {"model": name, "step": ckpt["step"], "folded": result["folded"],
+                    "max_abs_diff": result["max_abs_diff"], "input": info}
+            write_text(stem + ".json", json.dumps(meta, indent=2) + "\n")
+            what = "folded into plain convolutions" if result["folded"] else "not folded"
+            written.append(f"{pt2} ({name}, step {ckpt['step']}, {what}; max |difference| to the checkpoint's "
+                           f"model {result['max_abs_diff']:.2e}) and {stem}.json")
+        if args.format in ("both", "safetensors"):
+            path = out if args.format == "safetensors" else stem + ".safetensors"
+            save_weights(path, model, {"step": str(ckpt["step"]), "config": ckpt["config"],
+                                       "model_info": ckpt.get("model_info"), "input": info})
+            written.append(f"{path} (weights and configuration; normfree.load_model reads it)")
+        print("wrote " + "; ".join(written))
         return 0
 
     p.set_defaults(func=run)

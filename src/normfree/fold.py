@@ -50,20 +50,21 @@ def _plain_conv(conv: Conv2d, in_scale: Scale = None, out_scale: Scale = None,
 
 
 def _fold_block(block: ResidualBlock) -> None:
-    s_in = block.in_scale
-    if block.shortcut is not None and block.shortcut_uses_preact:
-        block.shortcut = _plain_conv(block.shortcut, in_scale=s_in)
+    """Fold the block's scalars (its public parts: ``in_scale``, ``mid_scale``,
+    ``branch_scale()``, ``branch_bias()``) into plain copies of its
+    convolutions, then drop them: the block computes the same with none left."""
+    if block.shortcut_uses_preact:
+        block.shortcut = _plain_conv(block.shortcut, in_scale=block.in_scale)
     last = len(block.convs) - 1
     for i, conv in enumerate(block.convs):
-        scale = s_in if i == 0 else block.mid_scale
-        if i == last:
-            extra = block.out_bias.bias if block.out_bias is not None else None
-            block.convs[i] = _plain_conv(conv, scale, block._out_scales(), extra)
-        else:
-            block.convs[i] = _plain_conv(conv, scale)
+        in_scale = block.in_scale if i == 0 else block.mid_scale
+        if i < last:
+            block.convs[i] = _plain_conv(conv, in_scale)
+        else:  # s_branch * conv(..) + b (Fixup's bias after the branch)
+            block.convs[i] = _plain_conv(conv, in_scale, block.branch_scale(), block.branch_bias())
     block.in_scale = block.mid_scale = block.branch_const = None
     block.gain = block.out_bias = None
-    block.expected_var = None  # no alpha left to track it with
+    block.expected_var = None  # alpha is in the weights now: nothing left to track
 
 
 def fold_model(model: nn.Module) -> nn.Module:

@@ -1,5 +1,6 @@
 """Small building blocks: convolutions that fold scalars into their weights,
-Scaled Weight Standardization, scalar gains and biases, activation gammas.
+Scaled Weight Standardization, (centered) weight normalization, scalar gains
+and biases, activation gammas.
 
 Every convolution here takes optional ``in_scale`` / ``out_scale`` arguments:
 ``conv(x, in_scale=a, out_scale=b)`` equals ``b * conv(a * x)`` (the bias is
@@ -32,6 +33,7 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "elu": F.elu,
     "sigmoid": torch.sigmoid,
     "identity": lambda x: x,
+    "selu": F.selu,  # Klambauer et al. 2017: lambda 1.0507..., alpha 1.6733... (torch's constants)
 }
 
 #: Monte-Carlo gammas published with the NF-ResNet authors' code (Brock et al.
@@ -59,24 +61,39 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"unknown activation {name!r}; allowed: {sorted(ACTIVATIONS)}") from None
 
 
-def _gamma_of(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
-    # Var(g(z)) for z ~ N(0,1) by trapezoidal integration on a fine grid
-    # (accurate to ~1e-9 even for kinks such as ReLU's).
-    z = torch.linspace(-12.0, 12.0, 480_001, dtype=torch.float64)
+def _normal_moments(fn: Callable[[torch.Tensor], torch.Tensor], points: int = 480_001) -> tuple:
+    """(E[g(z)], E[g(z)^2]) for z ~ N(0, 1), by trapezoidal integration on a fine
+    grid (accurate to ~1e-9 even for kinks such as ReLU's; ~1e-6 with 20,001 points)."""
+    z = torch.linspace(-12.0, 12.0, points, dtype=torch.float64)
     w = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     with torch.no_grad():
         g = fn(z).to(torch.float64)
-    m1 = torch.trapezoid(w * g, z)
-    m2 = torch.trapezoid(w * g * g, z)
-    var = float(m2 - m1 * m1)
+    return float(torch.trapezoid(w * g, z)), float(torch.trapezoid(w * g * g, z))
+
+
+def _gamma_of(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    m1, m2 = _normal_moments(fn)
+    var = m2 - m1 * m1
     if not np.isfinite(var) or var <= 0:
         raise ValueError(f"activation has zero or undefined variance under N(0,1): var={var}")
     return 1.0 / math.sqrt(var)
 
 
+def _he_gain_of(fn: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    m2 = _normal_moments(fn)[1]
+    if not np.isfinite(m2) or m2 <= 0:
+        raise ValueError(f"activation has zero or undefined second moment under N(0,1): E[g(z)^2]={m2}")
+    return 1.0 / math.sqrt(m2)
+
+
 @functools.lru_cache(maxsize=None)
 def _named_gamma(name: str) -> float:
     return _gamma_of(get_activation(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _named_he_gain(name: str) -> float:
+    return _he_gain_of(get_activation(name))
 
 
 def activation_gamma(act: Union[str, Callable[[torch.Tensor], torch.Tensor]]) -> float:
@@ -89,6 +106,20 @@ def activation_gamma(act: Union[str, Callable[[torch.Tensor], torch.Tensor]]) ->
     if isinstance(act, str):
         return _named_gamma(act)
     return _gamma_of(act)
+
+
+def activation_he_gain(act: Union[str, Callable[[torch.Tensor], torch.Tensor]]) -> float:
+    """He et al. (2015)'s gain for a layer fed by ``act``: 1 / sqrt(E[g(z)^2]), z ~ N(0, 1).
+
+    A fan-in initialization with std gain / sqrt(fan_in) then keeps the second
+    moment of the pre-activations: sqrt(2) for ReLU, ~1.534 for GELU, 1 for
+    ``"identity"`` (a linear input). Computed by numerical integration, like
+    :func:`activation_gamma`. (It differs from ``torch.nn.init.calculate_gain``
+    for tanh, 5/3, and sigmoid, 1, which are not second-moment preserving.)
+    """
+    if isinstance(act, str):
+        return _named_he_gain(act)
+    return _he_gain_of(act)
 
 
 # --------------------------------------------------------------------------
@@ -157,6 +188,11 @@ def _scale_key(scale) -> tuple:
     return (scale,)
 
 
+#: folded weights a conv keeps under no_grad: the block's folded forward and its
+#: reference path (which measure_signal runs) each use one
+CACHE_ENTRIES = 2
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` whose forward folds scalar multipliers into its weight.
 
@@ -169,8 +205,9 @@ class Conv2d(nn.Conv2d):
     a 0-d or per-channel tensor added to the bias (Fixup's bias after the
     branch). State-dict compatible with ``nn.Conv2d``.
 
-    Without autograd (``torch.no_grad()`` / ``torch.inference_mode()``) the
-    folded weight is computed once and cached, keyed on the identity,
+    Without autograd (``torch.no_grad()`` / ``torch.inference_mode()``) and with
+    ``cache_weights`` the folded weight is computed once and cached (the two
+    most recently used scalings: a block's folded and reference paths), keyed on the identity,
     ``_version`` counter and storage of every tensor involved (weight, bias,
     gain, tensor scales) and on the values of numeric scales: an optimizer step
     or ``load_state_dict`` (in-place updates) bumps ``_version``, ``.to()``
@@ -178,7 +215,16 @@ class Conv2d(nn.Conv2d):
     graph and is left out of ``state_dict``, pickling and ``deepcopy``. It is
     not used while ``torch.jit.trace`` or ``torch.compile`` / ``torch.export``
     trace: the graph must compute the folded weight, not hold a copy of it.
+    ``cache_weights`` (class attribute, or per instance) is the cache's one
+    switch: False computes :meth:`folded_weight_bias` on every call (the
+    reference the cache must equal, tested bit for bit). It is off for plain
+    convolutions, whose folded weight is at most one small multiply (measured:
+    1.01x at ResNet-50 batch-1 inference, within noise), and on for
+    :class:`ScaledStdConv2d`, whose standardization it saves (1.75x there;
+    ``benchmarks/bench_switches.py``).
     """
+
+    cache_weights: bool = False
 
     def effective_weight(self) -> torch.Tensor:
         """The weight actually convolved (before any folded scale)."""
@@ -195,18 +241,21 @@ class Conv2d(nn.Conv2d):
         return w, _add_bias(b, add_bias, self.out_channels)
 
     def _cached_weight_bias(self, in_scale: Scale, out_scale: Scale, add_bias: Optional[torch.Tensor]):
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if (not self.cache_weights or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()):
             return self.folded_weight_bias(in_scale, out_scale, add_bias)
         tensors = self._cache_tensors()
         key = (tuple(_scale_key(t) for t in tensors), _scale_key(in_scale), _scale_key(out_scale),
                _scale_key(add_bias))
-        cache = self.__dict__.get("_fold_cache")
-        if cache is None or cache[0] != key:
+        cache = self.__dict__.setdefault("_fold_cache", {})  # key -> entry, least recent first
+        entry = cache.pop(key, None)
+        if entry is None:
             # the tensors are kept alive with the entry, so their ids cannot be reused
-            cache = (key, tensors, in_scale, out_scale, add_bias,
-                     self.folded_weight_bias(in_scale, out_scale, add_bias))
-            self.__dict__["_fold_cache"] = cache
-        return cache[-1]
+            entry = (tensors, in_scale, out_scale, add_bias, self.folded_weight_bias(in_scale, out_scale, add_bias))
+            while len(cache) >= CACHE_ENTRIES:
+                cache.pop(next(iter(cache)))
+        cache[key] = entry
+        return entry[-1]
 
     def clear_cache(self) -> None:
         """Drop the cached folded weight (it is rebuilt on the next no-grad call)."""
@@ -357,6 +406,8 @@ class ScaledStdConv2d(Conv2d):
     :class:`Conv2d`) and is bit-identical to the training path's.
     """
 
+    cache_weights: bool = True  # see Conv2d: the standardization is worth caching under no_grad
+
     def __init__(self, *args, eps: float = 1e-4, **kwargs):
         kwargs.setdefault("bias", True)
         super().__init__(*args, **kwargs)
@@ -396,6 +447,50 @@ class ScaledStdConv2d(Conv2d):
         if bias is None:
             b = self.bias
         return w, _add_bias(b, add_bias, self.out_channels)
+
+
+class WeightNormConv2d(Conv2d):
+    """Conv2d with Weight Normalization (Salimans & Kingma 2016) or, with
+    ``center=True``, Centered Weight Normalization (Huang et al. 2017):
+
+        W_hat = g * v / ||v||                          (WN)
+        W_hat = g * (v - mean(v)) / ||v - mean(v)||    (CWN)
+
+    per output channel: v = ``weight`` (its direction), mean and norm over the
+    fan-in axes, g = ``gain``, one learnable value per output channel, so that
+    ``||W_hat|| = g`` for every filter; plus an optional bias. The norm is
+    guarded as max(||.||, ``eps``) (openai/weightnorm and torch's weight_norm
+    have no guard; huangleiBuaa/CenteredWN module_pytorch/CWN.py adds 1e-5 to
+    the norm: the same for filters of norm ~1). CWN's filters sum to zero, so
+    an input whose channels share one mean gives outputs with zero mean. CWN
+    is Scaled Weight Standardization (:class:`ScaledStdConv2d`) up to the
+    guard: sqrt(N var(v)) = ||v - mean(v)||; NF-ResNets add gamma on the
+    activations instead of a gain g > 1. The scales a block folds in
+    (``in_scale``, ``out_scale``) apply to W_hat as for :class:`Conv2d`.
+    """
+
+    def __init__(self, *args, center: bool = False, eps: float = 1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.center = center
+        self.eps = eps
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def normalized_weight(self) -> torch.Tensor:
+        """v / ||v|| (WN) or (v - mean v) / ||v - mean v|| (CWN), per output channel, without g."""
+        v = _rows(self.weight)
+        if self.center:
+            v = v - v.mean(dim=1, keepdim=True)
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(self.eps)
+        return _unrows(v / norm, self.weight)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.normalized_weight() * self.gain
+
+    def _cache_tensors(self) -> tuple:
+        return (self.weight, self.bias, self.gain)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", center=True" if self.center else "")
 
 
 # --------------------------------------------------------------------------
@@ -440,7 +535,16 @@ class Activation(nn.Module):
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole samples of a residual branch with prob. p,
-    rescaling the kept ones by 1/(1-p) (Huang et al. 2016)."""
+    rescaling the kept ones by 1/(1-p) (Huang et al. 2016), so that the eval
+    network equals the training-time expectation.
+
+    Departs on purpose from DeepMind's nfnets/base.py ``StochDepth``, which by
+    default (``scale_by_keep=False``) neither rescales in training nor at test
+    time, so that its eval network weights branch l by 1/(1 - p_l) more than
+    training did on average. Huang et al. scale by the survival probability at
+    test time instead; this inverted form is the same in expectation (and is
+    timm's and torchvision's).
+    """
     if p <= 0.0 or not training:
         return x
     keep = 1.0 - p

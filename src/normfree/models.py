@@ -8,10 +8,12 @@ class: the architecture (:class:`Arch`) fixes the stages, the method
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -52,33 +54,57 @@ RESNET_DEPTHS = {
 ARCHS = ["wrn"] + [f"resnet{d}" for d in RESNET_DEPTHS]
 
 
+MAX_DEPTH = 10_000  # WRN depth (the papers go to 1000 layers)
+MAX_CHANNELS = 16_384  # widest layer (ResNet-50 x 8, WRN width 256)
+MAX_CLASSES = 100_000
+MAX_IN_CHANS = 1_024
+
+
 def wrn_depths() -> str:
-    return "6n+4 with n >= 1 (10, 16, 22, 28, 40, ..., 100, 1000, ...)"
+    return f"6n+4 with n >= 1, up to {MAX_DEPTH} (10, 16, 22, 28, 40, ..., 100, 1000, ...)"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_width(width) -> None:
+    if not (isinstance(width, (int, float)) and not isinstance(width, bool) and math.isfinite(width) and width > 0):
+        raise ValueError(f"width must be a finite number > 0, got {width!r}")
 
 
 def make_arch(arch: str, depth: Optional[int] = None, width: float = 1) -> Arch:
-    """The layout of ``arch`` ("wrn" or "resnetNN") at ``depth`` and ``width``."""
-    if not (isinstance(width, (int, float)) and width > 0):
-        raise ValueError(f"width must be > 0, got {width!r}")
+    """The layout of ``arch`` ("wrn" or "resnetNN") at ``depth`` and ``width``.
+
+    ``depth``: WRN depth 6n+4 (10 to 10,000; default 16); for ``resnetNN`` None or NN.
+    ``width``: WRN width factor k, or channel multiplier of a bottleneck ResNet
+    (any finite number > 0 whose widest layer stays within 16,384 channels).
+    """
+    _check_width(width)
     if arch == "wrn":
         depth = 16 if depth is None else depth
-        if not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        if not _is_int(depth) or not 10 <= depth <= MAX_DEPTH or (depth - 4) % 6:
             raise ValueError(f"depth {depth!r} does not fit wrn: allowed depths are {wrn_depths()}")
         n = (depth - 4) // 6
         w = [max(1, int(round(c * width))) for c in (16, 32, 64)]
-        return Arch(f"wrn{depth}_{width:g}", "basic", (n, n, n), tuple(w), (1, 2, 2), "cifar", 16)
-    m = re.fullmatch(r"resnet(\d+)", arch)
-    if m:
-        d = int(m.group(1))
-        if depth is not None and depth != d:
-            raise ValueError(f"{arch} has depth {d}; got depth={depth}. For another depth use "
+        layout = Arch(f"wrn{depth}_{width:g}", "basic", (n, n, n), tuple(w), (1, 2, 2), "cifar", 16)
+    elif re.fullmatch(r"resnet(\d+)", arch):
+        d = int(arch[len("resnet"):])
+        if depth is not None and (not _is_int(depth) or depth != d):
+            raise ValueError(f"{arch} has depth {d}; got depth={depth!r}. For another depth use "
                              f"one of {[f'resnet{k}' for k in RESNET_DEPTHS]} or 'wrn' ({wrn_depths()})")
         if d not in RESNET_DEPTHS:
             raise ValueError(f"depth {d} does not fit the bottleneck ResNet: allowed {sorted(RESNET_DEPTHS)}")
         w = [max(4, int(round(c * width)) // 4 * 4) for c in (256, 512, 1024, 2048)]
-        return Arch(arch, "bottleneck", RESNET_DEPTHS[d], tuple(w), (1, 2, 2, 2), "imagenet",
-                    max(1, int(round(64 * width))))
-    raise ValueError(f"unknown architecture {arch!r}; allowed: {ARCHS}")
+        layout = Arch(arch, "bottleneck", RESNET_DEPTHS[d], tuple(w), (1, 2, 2, 2), "imagenet",
+                      max(1, int(round(64 * width))))
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; allowed: {ARCHS}")
+    widest = max(layout.widths + (layout.stem_width,))
+    if widest > MAX_CHANNELS:
+        raise ValueError(f"width {width:g} gives {arch} a layer of {widest} channels; allowed: up to "
+                         f"{MAX_CHANNELS} (width <= {width * MAX_CHANNELS / widest:.4g})")
+    return layout
 
 
 class ResNet(nn.Module):
@@ -87,18 +113,31 @@ class ResNet(nn.Module):
     stem -> residual stages -> final norm/act -> global average pool
     -> [dropout] -> linear. For NF schemes the expected variance is tracked
     through the blocks: it starts at 1 after the stem, grows by alpha^2 per
-    block and is reset to 1 + alpha^2 after a transition (projection) block.
+    block and is reset to 1 + alpha^2 after a transition (projection) block
+    (DeepMind's nf_resnet.py), whatever the SkipInit gain.
+
+    The stem conv (3x3, or 7x7 stride 2 + 3x3 max-pool for resnetNN) sees the
+    linear input: He init with gain 1 (Haiku's default in DeepMind's
+    skipinit_resnet.py / resnet.py). NF's stem is a Scaled-WS conv with a bias:
+    DeepMind's nf_resnet.py passes ``with_bias=False`` to it, but its WSConv2D
+    always adds a (zero-initialized) bias, so the official stem has one too.
+    Stochastic depth: block l = 0..L-1 drops with p l / L (the official
+    indexing). Fixup's ``shortcut="auto"`` becomes pool_pad for basic blocks
+    (the authors' CIFAR code) and a 1x1 conv for bottlenecks (their ImageNet code).
     """
 
     def __init__(self, arch: Arch, scheme: Scheme, num_classes: int = 10, in_chans: int = 3):
         super().__init__()
-        for name, v in (("num_classes", num_classes), ("in_chans", in_chans)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name, v, top in (("num_classes", num_classes, MAX_CLASSES), ("in_chans", in_chans, MAX_IN_CHANS)):
+            if not _is_int(v) or not 1 <= v <= top:
+                raise ValueError(f"{name} must be an integer from 1 to {top}, got {v!r}")
+        if scheme.shortcut == "auto":  # Fixup: pool+pad in the CIFAR code, 1x1 conv in the ImageNet code
+            scheme = dataclasses.replace(scheme, shortcut="conv" if arch.block == "bottleneck" else "pool_pad")
         self.arch, self.scheme = arch, scheme
         self.num_classes, self.in_chans = num_classes, in_chans
+        # the stem sees the (linear) input: He init with gain 1
         stem_conv = make_conv(scheme, in_chans, arch.stem_width, 7 if arch.stem == "imagenet" else 3,
-                              stride=2 if arch.stem == "imagenet" else 1)
+                              stride=2 if arch.stem == "imagenet" else 1, input_act="identity")
         self.stem = nn.Sequential(stem_conv)
         if arch.stem == "imagenet":
             self.stem.append(nn.MaxPool2d(3, stride=2, padding=1))
@@ -112,7 +151,7 @@ class ResNet(nn.Module):
                 blk = ResidualBlock(cin, cout, stride if i == 0 else 1, scheme,
                                     bottleneck=arch.block == "bottleneck", index=idx,
                                     num_blocks=num_blocks, expected_var=var,
-                                    drop_path=scheme.drop_path * idx / num_blocks)
+                                    drop_path=scheme.drop_path * (idx - 1) / num_blocks)
                 if blk.expected_var_out is not None:
                     var = blk.expected_var_out
                 blocks.append(blk)
@@ -132,7 +171,7 @@ class ResNet(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return self.fc.in_features
+        return self.arch.widths[-1]  # (the classifier's inputs; also after reset_classifier(0))
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear ValueError for input that is not (N, in_chans, H, W)."""
@@ -146,14 +185,61 @@ class ResNet(nn.Module):
         self.check_input(x)
         return self.blocks(self.stem(x))
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Final norm/act, pool, [dropout], classifier; ``pre_logits``: stop before the classifier."""
         x = self.pool(self.final_act(x)).flatten(1)
         if self.head_scale is not None:  # NF: gamma of the final activation, after the (linear) pool
             x = x * self.head_scale
-        return self.fc(self.dropout(x))
+        x = self.dropout(x)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # ---- timm's model interface (details in normfree.backbone) ----------------------
+    def get_classifier(self) -> nn.Module:
+        """The final classifier (AGC leaves it unclipped)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for ``num_classes`` outputs, initialized as the method
+        says (0: none; the model then returns its pooled features). Only average
+        pooling exists: ``global_pool`` may be None or "avg"."""
+        from .backbone import make_classifier
+
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool must be None or 'avg' (normfree models pool by averaging), got "
+                             f"{global_pool!r}")
+        self.fc = make_classifier(self.scheme, self.num_features, num_classes).to(self.stem[0].weight.device)
+        self.num_classes = num_classes
+
+    @property
+    def feature_info(self):
+        """One record per feature map (stem, then every stage): ``num_chs``,
+        ``reduction``, ``module`` (timm's ``feature_info``)."""
+        from .backbone import feature_info
+
+        return feature_info(self)
+
+    def forward_intermediates(self, x: torch.Tensor, indices=None, norm: bool = False,
+                              intermediates_only: bool = False):
+        """timm's ``forward_intermediates``: (final features, [feature maps ``indices``])."""
+        from .backbone import forward_intermediates
+
+        return forward_intermediates(self, x, indices, norm=norm, intermediates_only=intermediates_only)
+
+    @property
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """timm's record of input size, mean, std, classes, first conv and
+        classifier; mean / std / input size of the training data once weights
+        were loaded from a checkpoint."""
+        from .backbone import pretrained_cfg
+
+        return {**pretrained_cfg(self), **self.__dict__.get("_pretrained_extra", {})}
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, extra: Dict[str, Any]) -> None:
+        self.__dict__["_pretrained_extra"] = dict(extra)
 
 
 def list_models() -> List[str]:
@@ -189,7 +275,9 @@ def parse_model_name(name: str) -> Tuple[str, str, Dict[str, int]]:
 
 
 def create_model(name: str, *, depth: Optional[int] = None, width: Optional[float] = None,
-                 num_classes: int = 10, in_chans: int = 3, **method_options) -> ResNet:
+                 num_classes: int = 10, in_chans: int = 3, pretrained: Union[bool, str] = False,
+                 checkpoint_path: Optional[str] = None, features_only: bool = False,
+                 out_indices: Optional[Sequence[int]] = None, **method_options) -> nn.Module:
     """Build a registered model.
 
     Args:
@@ -198,15 +286,32 @@ def create_model(name: str, *, depth: Optional[int] = None, width: Optional[floa
         depth: WRN depth (6n+4); for ``resnetNN`` it must be omitted or equal NN.
         width: WRN width factor k, or channel multiplier of a bottleneck ResNet.
         num_classes, in_chans: classifier outputs and input channels.
+        pretrained, checkpoint_path: no normfree weights are published, so
+            ``pretrained=True`` raises; a path (``pretrained="run/checkpoint.pt"``
+            or ``checkpoint_path=``: a checkpoint, a run directory or a
+            ``model.safetensors``) loads those weights (a classifier of another
+            ``num_classes`` stays fresh) and their input record into ``pretrained_cfg``.
+        features_only, out_indices: return a :class:`~normfree.backbone.FeatureResNet`
+            giving a list of feature maps (stem and stages, or ``out_indices``)
+            instead of logits, with ``feature_info``.
         **method_options: fields of the method's Scheme, e.g. ``alpha=0.2``,
             ``gain_init="1/sqrt(d)"``, ``act="gelu"``, ``regularized=True``,
             ``dropout=0.3``, ``drop_path=0.1`` (see :class:`Scheme`).
     """
     method, arch, size = parse_model_name(name)
-    if depth is not None:
-        size["depth"] = depth
-    if width is not None:
-        size["width"] = width
+    for key, value in (("depth", depth), ("width", width)):
+        if value is None:
+            continue
+        if key in size and value != size[key]:
+            raise ValueError(f"{name!r} encodes {key} {size[key]}, but {key}={value!r} was given: "
+                             f"give the {key} once (in the name or as {key}=)")
+        size[key] = value
     scheme = make_scheme(method, **method_options)
-    return ResNet(make_arch(arch, size.get("depth"), size.get("width", 1)), scheme,
-                  num_classes=num_classes, in_chans=in_chans)
+    model = ResNet(make_arch(arch, size.get("depth"), size.get("width", 1)), scheme,
+                   num_classes=num_classes, in_chans=in_chans)
+    if pretrained is not False or checkpoint_path is not None or features_only or out_indices is not None:
+        from .backbone import finish  # timm's create_model options
+
+        return finish(model, name, pretrained=pretrained, checkpoint_path=checkpoint_path,
+                      features_only=features_only, out_indices=out_indices)
+    return model

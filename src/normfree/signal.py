@@ -21,9 +21,9 @@ of the model; otherwise the blocks made by :func:`normfree.convert` (``Converted
 ``SkipGain``; their branch is their ``branch_out``); otherwise torchvision/timm-style blocks, i.e. the outermost
 modules that have ``conv1`` and ``conv2`` children and a ``bn2`` or ``bn3``
 child. The residual branch f(x) of a block is: for ``ResidualBlock`` the output
-of its last convolution (the scalar gains are divided out, or the model is
-computed :func:`~normfree.blocks.unfolded` when a gain is 0); for
-torchvision/timm blocks the output of ``se`` if present, else ``bn3``, else
+of ``block.branch_out``, through which f passes on the block's reference path
+(the model is run :func:`~normfree.blocks.unfolded` while measuring: the same
+outputs, every scalar applied step by step); for torchvision/timm blocks the output of ``se`` if present, else ``bn3``, else
 ``bn2``; for other blocks the module given in ``branches={block: module}``,
 else unknown (``res_var=None``). The skip path is ``block.shortcut`` /
 ``block.downsample`` (the block input when that attribute is ``None``).
@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .blocks import PoolPadShortcut, ResidualBlock, unfolded
+from .layers import WeightNormConv2d, _normal_moments, activation_he_gain, get_activation
 from .converted import converted_blocks, converted_branch, converted_branch_scale, predict_converted_variance
 
 InputLike = Union[torch.Tensor, Sequence[int]]
@@ -206,14 +207,10 @@ class _Moments:
     def empty(self) -> bool:
         return self.n == 0
 
-    def result(self, scale: float = 1.0, shift: float = 0.0) -> Tuple[float, float]:
-        """(average squared channel mean, average channel variance) of
-        (x - shift) / scale, where x is what was accumulated."""
+    def result(self) -> Tuple[float, float]:
+        """(average squared channel mean, average channel variance) of what was accumulated."""
         mean = self.s1 / self.n
         var = (self.s2 / self.n - mean * mean).clamp_(min=0.0)
-        if scale != 1.0 or shift != 0.0:
-            mean = (mean - shift) / scale
-            var = var / (scale * scale)
         return float((mean * mean).mean()), float(var.mean())
 
 
@@ -505,23 +502,11 @@ def measure_signal(model: nn.Module, x: InputLike, blocks: Optional[Sequence[nn.
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     chunk = min(chunk_size or _auto_chunk(model, shape, device, dtype, memory_budget), shape[0])
 
-    # residual branch of our blocks: hook the last conv and divide the gain out,
-    # unless some gain is 0 (then compute unfolded and hook branch_out).
+    # our blocks give f(x) through block.branch_out on their reference path
+    # (ResidualBlock.forward with fold_scalars off): run the model unfolded then.
     ours = [b for b in blocks if isinstance(b, ResidualBlock)]
     scales = {b: _as_float(b.branch_scale()) for b in ours}
-    need_unfold = any(b.fold and scales[b] == 0.0 for b in ours if b in branch_map)
-    # folded, the last conv outputs s * f(x) (+ Fixup's scalar bias): undo both
-    probe: Dict[nn.Module, Tuple[nn.Module, float, float]] = {}
-    for b in blocks:
-        br = branch_map.get(b)
-        if br is None:
-            continue
-        if isinstance(b, ResidualBlock) and br is b.branch_out and b.fold and not need_unfold:
-            s = scales[b]
-            bias = _as_float(b.out_bias.bias) if b.out_bias is not None else 0.0
-            probe[b] = (b.convs[-1], 1.0 if s is None else s, bias)
-        else:
-            probe[b] = (br, 1.0, 0.0)
+    need_unfold = any(branch_map.get(b) is b.branch_out for b in ours)
 
     out_m = [_Moments(channel_dim) for _ in blocks]
     res_m = [_Moments(channel_dim) for _ in blocks]
@@ -563,8 +548,8 @@ def measure_signal(model: nn.Module, x: InputLike, blocks: Optional[Sequence[nn.
         handles.append(b.register_forward_pre_hook(pre_hook(i)))
         if kind == "module":
             handles.append(sm.register_forward_hook(simple_hook(skip_m[i])))
-        if b in probe:
-            handles.append(probe[b][0].register_forward_hook(simple_hook(res_m[i])))
+        if b in branch_map:
+            handles.append(branch_map[b].register_forward_hook(simple_hook(res_m[i])))
         handles.append(b.register_forward_hook(out_hook(i)))
 
     try:
@@ -588,8 +573,8 @@ def measure_signal(model: nn.Module, x: InputLike, blocks: Optional[Sequence[nn.
         res_var = res_mean_sq = skip_var = ratio = None
         s = scales.get(b) if isinstance(b, ResidualBlock) else _as_float(converted_branch_scale(b))
         s = 1.0 if s is None else s
-        if b in probe and not res_m[i].empty:
-            res_mean_sq, res_var = res_m[i].result(scale=probe[b][1], shift=probe[b][2])
+        if b in branch_map and not res_m[i].empty:
+            res_mean_sq, res_var = res_m[i].result()
         if not skip_m[i].empty:
             skip_var = skip_m[i].result()[1]
             a = getattr(b, "skip_scale", None) if isinstance(b, ResidualBlock) else None
@@ -683,8 +668,9 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
     ``model`` is a normfree ``ResNet`` (or a model name, built with
     ``create_model(name, **create_kwargs)``), or a model converted with
     ``normfree.convert(..., method="nf")`` (the NF rule below); ``v0`` is the
-    variance of the first block's input (1 for NF, whose stem preserves unit
-    variance). Any other model raises a ValueError saying so.
+    variance of the first block's input, taken to be zero-mean (1 for NF, whose
+    stem is designed to give unit variance). Any other model raises a
+    ValueError saying so.
     Per block, with s the branch scalar (alpha, gain, b_l; 1 if none), a the
     skip scalar (RescaleNet a_l; 1 if none) and v_skip the skip-path variance:
 
@@ -698,9 +684,13 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
       variance: c = 2. v_skip = v_{l-1}, or c at a transition whose conv
       shortcut takes the normalized input: linear growth v ~ v0 + l c within a
       stage.
-    * NF (nf, nf_he; Brock et al. 2021): r = 1 (f(x / beta) preserves unit
-      variance), v_skip = v_{l-1}, or 1 at a transition: v = 1 + k alpha^2 after the
-      k-th block of a stage (= ``block.expected_var_out`` when v0 = 1).
+    * NF (nf, nf_he; Brock et al. 2021): the pre-activation divides by beta^2 =
+      the tracked expected variance, and f preserves the variance of its input:
+      r = v_{l-1} / beta^2; v_skip = v_{l-1}, or v_{l-1} / beta^2 at a transition.
+      With the SkipInit gain g at 1 (s = alpha) and v0 = 1 this is the tracked
+      1 + k alpha^2 after the k-th block of a stage (``block.expected_var_out``);
+      with g = 0 (the default init, as in DeepMind's nf_resnet.py) every block
+      but a transition keeps the variance, and a transition divides it by beta^2.
     * unnormalized He-initialized branch (none, skipinit, rescale; De & Smith
       2020, Shao et al. 2020): r = v_{l-1}, v_skip = v_{l-1}: v_l = (a^2 + s^2)
       v_{l-1}, i.e. 2^l for none, (1 + alpha^2)^l for SkipInit, constant for
@@ -711,6 +701,28 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
       small resolutions.
     * Fixup (Zhang et al. 2019): the last branch conv is zero, r = 0: constant.
     * Fixup's pool+pad shortcut zero-pads channels: v_skip = v_{l-1} cin / cout.
+    * scalings (Balduzzi et al. 2017 a = s = 1/sqrt(2): constant; Szegedy et al.
+      2016 s = beta on a bn branch: v ~ v0 + l beta^2 c; Hanin & Rolnick 2018
+      s = b^l: v_l = v_{l-1} (1 + b^2l), bounded) enter through a and s above.
+    * weight-normalized convs (wn, cwn, arpit; Salimans & Kingma 2016, Huang et
+      al. 2017, Arpit et al. 2019): a conv whose filters have norm g maps an input
+      of variance u to g^2 k u, with k = E[act(z)^2] (z ~ N(0, 1)) for WN, the
+      second moment of the activation before it, and k = Var[act(z)] for CWN, whose
+      zero-sum filters cancel the activation's mean: r = v_{l-1} prod_i g_i^2 k
+      over the branch's convs (g_i^2 the mean of g^2 over filters), v_skip =
+      v_{l-1} g^2 k through a WN shortcut. WN with g = the He gain keeps the second
+      moment (r = v_{l-1}, as He init); CWN with g = sqrt(2) after a ReLU keeps
+      2 x (1 - 1/pi) / 2 = 0.68 of the variance per conv; Arpit et al.'s g^2 =
+      2 cin/cout, and 2/L on the last conv, give v_l = v_{l-1} (cin/cout)(1 + 1/L).
+      For an activation other than ReLU, k is taken at the actual scale: E[act(x)^2]
+      or Var[act(x)] for x ~ N(0, u), u the variance reaching it.
+    * He-initialized branch with another activation than ReLU (selu, gelu, ...):
+      the gain G = 1 / sqrt(E[act(z)^2]) keeps the second moment only at unit
+      scale; each conv maps u to G^2 E[act(x)^2], x ~ N(0, u) (for SELU, G = 1 and
+      (mean 0, variance 1) is a fixed point, Klambauer et al. 2017).
+    * LSUV (Mishkin & Matas 2016), for a model initialized by
+      :func:`normfree.lsuv_init`: every conv's output has variance 1, r = 1, and
+      v_skip = 1 at a transition: v ~ v0 + l within a stage, as under BN.
 
     Means are ignored (He-init nets drift, see ``mean_sq``) and ReLU is assumed.
     """
@@ -732,25 +744,57 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
         s2 = 1.0 if s is None else s * s
         a2 = 1.0 if b.skip_scale is None else b.skip_scale ** 2
         norm = scheme.norm if scheme is not None else None
-        if b.expected_var is not None:  # NF
-            v_skip = 1.0 if b.shortcut_uses_preact else v
-            r = 1.0
+        if b.expected_var is not None:  # NF: the branch and a conv shortcut see Var(x) / beta^2
+            h = v / b.expected_var
+            v_skip = h if b.shortcut_uses_preact else v
+            r = h
         elif norm is not None:
             c = 1.0 - 1.0 / math.pi if scheme.order == "norm_act" else 2.0
             v_skip = c if b.shortcut_uses_preact else v
             r = c
+        elif scheme is not None and scheme.data_init == "lsuv":  # after lsuv_init: unit-variance conv outputs
+            v_skip = 1.0 if b.shortcut_uses_preact else v
+            r = 1.0
+        elif all(isinstance(c, WeightNormConv2d) for c in b.convs):  # (C)WN: g^2 x what the activation passes
+            act = scheme.act if scheme is not None else "relu"
+            r = v
+            for c in b.convs:
+                r = _wn_gain2(c) * _act_moment(act, r, c.center)
+            v_skip = _wn_gain2(b.shortcut) * _act_moment(act, v, b.shortcut.center) if b.shortcut_uses_preact else v
         else:
             v_skip = v
             r = v
+            act = scheme.act if scheme is not None else "relu"
             if scheme is not None and scheme.fixup:
                 r = 0.0
+            elif act != "relu":  # He's gain keeps E[x^2] at unit scale only: u -> G^2 E[act(sqrt(u) z)^2]
+                g2 = activation_he_gain(act) ** 2
+                for _ in b.convs:
+                    r = g2 * _act_moment(act, r, False)
+                if b.shortcut_uses_preact:
+                    v_skip = g2 * _act_moment(act, v, False)
         if isinstance(b.shortcut, PoolPadShortcut):
-            cin = b.convs[0].in_channels
-            cout = b.convs[-1].out_channels
-            v_skip = v * cin / cout
+            v_skip = v * b.in_channels / b.out_channels
         v = a2 * v_skip + s2 * r
         out.append(v)
     return out
+
+
+def _wn_gain2(conv: WeightNormConv2d) -> float:
+    """g^2 of a weight-normalized conv: the mean of its squared gains."""
+    return float(conv.gain.detach().double().square().mean())
+
+
+def _act_moment(act: str, u: float, centered: bool) -> float:
+    """E[act(x)^2] (``centered``: Var[act(x)]) for x ~ N(0, u): what a conv with
+    unit-norm filters (zero-sum ones when centered) passes on per unit of g^2."""
+    if act == "relu":  # E[relu(x)^2] = u / 2; E[relu(x)]^2 = u / (2 pi)
+        return u * (1.0 - 1.0 / math.pi) / 2.0 if centered else u / 2.0
+    if u <= 0.0:
+        return 0.0
+    fn = get_activation(act)
+    m1, m2 = _normal_moments(lambda z: fn(z * math.sqrt(u)), points=20_001)
+    return m2 - m1 * m1 if centered else m2
 
 
 def path_length_distribution(n: Union[int, nn.Module], p: Union[float, Sequence[float]] = 0.5) -> np.ndarray:
@@ -832,6 +876,8 @@ def write_json(results: Dict[str, Sequence[BlockStats]], path, predictions=None,
             "blocks": [asdict(r) for r in stats],
             "predicted_var": list((predictions or {}).get(label) or []) or None,
         }
+        if getattr(stats, "nf_gain", None) is not None:
+            doc["models"][label]["nf_gain"] = stats.nf_gain
         if getattr(stats, "grads", None) is not None:
             doc["models"][label]["grads"] = [asdict(g) for g in stats.grads]
     with open(path, "w") as fh:
@@ -845,43 +891,21 @@ def write_json(results: Dict[str, Sequence[BlockStats]], path, predictions=None,
 def compare_models(names: Sequence[str], *, batch: Optional[int] = None, resolution: Optional[int] = None,
                    in_chans: int = 3,
                    chunk_size: Optional[int] = None, seed: int = 0, depth: Optional[int] = None,
-                   width: Optional[float] = None, grads: bool = False,
+                   width: Optional[float] = None, grads: bool = False, nf_gain: Optional[float] = 1.0,
                    **options) -> Tuple[Dict[str, SignalStats], Dict[str, List[float]]]:
-    """Build each registered model ``name`` with weights seeded by ``seed`` and
-    measure it on N(0, 1) noise (batch, in_chans, resolution, resolution) drawn from ``seed``.
+    """Build each registered model ``name`` (``depth``, ``width`` and method
+    ``**options`` as for ``create_model``) with weights seeded by ``seed`` and
+    measure it on N(0, 1) noise (batch, in_chans, resolution, resolution) drawn
+    from ``seed``. NF models are drawn with their SkipInit gain at ``nf_gain``
+    (default 1, the paper's SPP convention; labelled ``"nf_wrn (gain 1)"``).
+    Returns ({label: stats}, {label: predicted variances}); see
+    :func:`normfree.factory.compare_specs` (which also takes foreign models) for
+    the defaults and the details."""
+    from .factory import compare_specs  # model building lives there; measuring needs no registry
 
-    Defaults: batch 256 at 32x32 for CIFAR-style ``wrn`` models; batch 8 at
-    128x128 for the ImageNet-style ``resnetNN`` (stride 32: at 32x32 their last
-    stages would be 1x1 and 2x2, where zero padding hides most of a 3x3 conv).
-    Returns ({name: stats}, {name: predict_variance(model, v0=measured input var)});
-    each stats carries ``input_shape`` and, with ``grads=True``, ``grads``: the
-    :func:`measure_gradients` of the cross-entropy for random labels.
-    """
-    from .models import create_model  # names only; measure_signal itself needs no registry
-
-    if not names:
-        raise ValueError("give at least one model name (see `normfree models`)")
-    for k, v in (("batch", batch), ("resolution", resolution), ("in_chans", in_chans)):
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"{k} must be a positive integer, got {v!r}")
-    results, predictions = {}, {}
-    for name in names:
-        torch.manual_seed(seed)
-        model = create_model(name, depth=depth, width=width, in_chans=in_chans, **options)
-        imagenet = getattr(getattr(model, "arch", None), "stem", "cifar") == "imagenet"
-        shape = (batch or (8 if imagenet else 256), in_chans, resolution or (128 if imagenet else 32),
-                 resolution or (128 if imagenet else 32))
-        stats = measure_signal(model, shape, chunk_size=chunk_size, seed=seed)
-        stats.input_shape = shape
-        if grads:
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(shape, generator=g)
-            y = torch.randint(0, model.num_classes, (shape[0],), generator=g)
-            stats.grads = measure_gradients(model, x, y, chunk_size=chunk_size)
-        label = name if name not in results else f"{name}#{len(results)}"
-        results[label] = stats
-        predictions[label] = predict_variance(model, v0=stats.input_var)
-    return results, predictions
+    return compare_specs([(name, None) for name in names], batch=batch, resolution=resolution,
+                         in_chans=in_chans, chunk_size=chunk_size, seed=seed, depth=depth, width=width,
+                         grads=grads, nf_gain=nf_gain, options=options)
 
 
 def format_table(results: Dict[str, Sequence[BlockStats]], predictions=None) -> str:

@@ -100,14 +100,14 @@ class Context:
 
     def train_cfg(self, **kw) -> Dict[str, Any]:
         """TrainConfig keywords of a study run: SGD Nesterov 0.9, weight decay 5e-4,
-        cosine schedule; Fixup's scalars at lr/10 as in its official recipe."""
+        cosine schedule. Each method trains in its own configuration by the
+        trainer's defaults: Fixup's scalars at lr/10 (``scalar_lr_mult``, its
+        official recipe), NF's skip gain at its official 0."""
         s = self.size
         cfg = dict(data=self.data.name, width=s.width, optimizer="sgd", momentum=0.9, nesterov=True,
                    weight_decay=5e-4, schedule="cosine", device=self.device,
                    max_train_examples=s.max_train_examples, max_test_examples=s.max_test_examples, log_every=10)
         cfg.update(kw)
-        if str(cfg["model"]).startswith("fixup"):
-            cfg["scalar_lr_mult"] = 0.1
         # for the cost estimate only (keys starting with "_" are not passed to train)
         cfg["_train_examples"] = self.n_train
         cfg["_pixels"] = self.data.side ** 2

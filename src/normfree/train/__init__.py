@@ -1,6 +1,17 @@
 """Training: one function, :func:`train`, configured by :class:`TrainConfig`.
 
     result = train(TrainConfig(model="skipinit_wrn", depth=16, width=1, data="digits", epochs=10))
+    result = train(TrainConfig(steps=1000, agc=0.01, out="runs/mine"), model=net, dataset=train_set,
+                   test_data=test_set)        # your nn.Module, your torch Dataset / DataLoader
+    result = train(TrainConfig(model="mypkg.nets:make_net", convert="skipinit", data="mypkg.data:cifar"))
+
+* Models: a registered normfree name, a factory spec (``package.module:factory``,
+  ``timm:NAME``, ``torchvision:NAME``; :mod:`normfree.factory`), or a module /
+  callable passed as ``model=``; ``convert=`` makes a foreign model BN-free
+  first (:func:`normfree.convert`). Data: the built-in sets, a
+  ``package.module:function`` spec, or a torch Dataset / DataLoader passed as
+  ``dataset=`` (:mod:`normfree.train.torchdata`: normfree orders and seeds
+  what it can, so resume stays exact, and says when it cannot).
 
 * Optimizers: SGD with (Nesterov) momentum, AdamW. Learning rate per step:
   linear warmup from lr/warmup to lr, then cosine to 0, step decay (x ``lr_gamma``
@@ -9,7 +20,9 @@
   one dimension); none on gains, biases, norm parameters or scalars. Scalar
   parameters (0-dim, ScalarBias, ScalarGain) train at lr x ``scalar_lr_mult``,
   by default 0.1 for Fixup models (the Fixup authors' recipe) and 1 otherwise.
-* Optional adaptive gradient clipping (``agc=0.01``, :mod:`normfree.agc`), bf16
+* Optional adaptive gradient clipping (``agc=0.01``, :mod:`normfree.agc`; the
+  classifier found by :func:`normfree.factory.find_classifier`, or named by
+  ``classifier=``, is not clipped), bf16
   autocast (``amp``), channels_last, ``torch.compile``; label smoothing;
   dropout / stochastic depth through the method options.
 * Never lose work: ``out`` must be a new or empty directory, or this run's
@@ -35,7 +48,8 @@
 * Metrics: ``out/metrics.jsonl`` and ``out/metrics.csv`` (a row per logged step,
   per evaluation and per event), ``out/config.json`` (the full configuration),
   ``out/summary.json`` at the end, TensorBoard under ``out/tb`` when
-  ``tensorboard`` is installed.
+  ``tensorboard`` is installed (``pip install normfree[tensorboard]``), and
+  ``out/model.safetensors`` (weights + configuration) with every checkpoint.
 * Distributed: under ``torchrun --nproc_per_node=N`` the same call runs
   DistributedDataParallel (:mod:`normfree.train.distributed`); logged
   training loss and accuracy are averaged over the processes.
@@ -45,10 +59,12 @@ Layout (each part can be read and changed on its own):
 ========================  ===================================================
 ``config``                :class:`TrainConfig` (validated), :class:`TrainResult`
 ``feed``                  the data the loop sees (:class:`~normfree.train.feed.TrainingData`)
+``torchdata``             a user's torch Dataset / DataLoader: seeded order and samples
 ``step``                  one training step, one evaluation pass
 ``optim``                 parameter groups, optimizer, learning-rate schedule
 ``loop``                  :func:`train` and the :class:`~normfree.train.loop.Trainer` loop
 ``checkpoint``            save / load / check checkpoints, :func:`load_model`
+``weights``               ``model.safetensors``: weights with the configuration as JSON
 ``rundir``                the output directory: checks and lock
 ``metrics``               per-step log, metric files
 ``distributed``           torchrun set-up, DDP, reductions

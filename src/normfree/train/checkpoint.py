@@ -7,7 +7,9 @@ position, the per-step losses, the RNG state, and as JSON strings the
 configuration, the metric history, the input record (shape, normalization,
 classes) and, since format 2, the fingerprint of the data and the learning-rate
 schedule (:func:`check_resumable` refuses to continue a run on other data,
-or on another schedule unless asked to).
+or on another schedule unless asked to), and for models that are not
+registered normfree names the record of how to rebuild them (``model_info``:
+factory spec or class, classes, input channels, conversion).
 
 Any file that is not a readable, consistent normfree checkpoint (empty,
 truncated, random bytes, a pickle that asks to run code, another program's
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..atomic import write_bytes
+from ..factory import Factory, build_model, factory_name
 from ..models import create_model, make_arch, parse_model_name
 from .config import FIXUP_SCALAR_LR_MULT, RESUMABLE_CHANGES, TrainConfig
 from .feed import describe_fingerprint
@@ -112,7 +115,7 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     try:
         ckpt["config"] = json.loads(ckpt["config"])
         ckpt["history"] = json.loads(ckpt.get("history", "[]"))
-        for key in ("input", "data", "schedule"):
+        for key in ("input", "data", "schedule", "model_info"):
             ckpt[key] = json.loads(ckpt[key]) if key in ckpt else None
     except (TypeError, ValueError) as e:
         raise _corrupt(path, f"its JSON entries do not decode ({e})") from None
@@ -139,9 +142,12 @@ def _check_layout(ckpt: Dict[str, Any], config: TrainConfig) -> None:
     before building anything, so a configuration that asks for a model far
     larger than the weights fails at once."""
     path, state = ckpt.get("path", "?"), ckpt["model"]
-    _, arch_name, size = parse_model_name(config.model)
-    arch = make_arch(arch_name, config.depth if config.depth is not None else size.get("depth"),
-                     config.width if config.width is not None else size.get("width", 1))
+    try:
+        _, arch_name, size = parse_model_name(config.model)
+        arch = make_arch(arch_name, config.depth if config.depth is not None else size.get("depth"),
+                         config.width if config.width is not None else size.get("width", 1))
+    except (TypeError, ValueError) as e:
+        raise _corrupt(path, f"its configuration is invalid ({e})") from None
     blocks = {int(m.group(1)) for k in state for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
     want = sum(arch.depths)
     if len(blocks) != want:
@@ -154,14 +160,51 @@ def _check_layout(ckpt: Dict[str, Any], config: TrainConfig) -> None:
                              f"its weights {got}")
 
 
-def model_from_checkpoint(ckpt: Dict[str, Any]) -> nn.Module:
-    """The trained model of a checkpoint loaded by :func:`load_checkpoint`:
-    rebuilt from its configuration (model name, depth, width, method options;
-    classes and input channels from the weights' shapes), with its weights,
-    in eval mode. ValueError "corrupt or inconsistent checkpoint" when the
-    configuration and the weights disagree."""
+def model_from_checkpoint(ckpt: Dict[str, Any], factory: Optional[Factory] = None) -> nn.Module:
+    """The trained model of a checkpoint loaded by :func:`load_checkpoint` (or
+    of a weights file, :func:`normfree.train.weights.load_weights`), with its
+    weights, in eval mode.
+
+    A registered normfree model is rebuilt from its configuration (name, depth,
+    width, method options; classes and input channels from the weights' shapes).
+    A model trained from a factory spec (``package.module:factory``, ``timm:``,
+    ``torchvision:``, or an importable function passed to ``train``) is rebuilt
+    by calling it again, and converted again when the run converted it. A
+    module passed to ``train`` as an object needs ``factory``: a callable or a
+    spec that builds the same architecture (as it was passed, before any
+    ``convert``), called with ``num_classes`` / ``in_chans`` where it takes
+    them and the run's ``model_options``. ``factory`` also overrides the stored
+    spec. ValueError naming the file when the configuration and the weights
+    disagree or no factory is known."""
     path = ckpt.get("path", "?")
     config = config_of(ckpt)
+    state = ckpt["model"]
+    if config.registered and factory is None:
+        return _registered_model(ckpt, config)
+    info = ckpt.get("model_info") or {}
+    source = factory if factory is not None else config.model
+    if source is None:
+        cls = info.get("class", "a module")
+        raise ValueError(f"{path} holds a model passed to normfree.train as an object ({cls}): give load_model "
+                         f"factory= (a callable or 'package.module:factory' that builds the same architecture, "
+                         f"e.g. {cls.rsplit('.', 1)[0]}:{cls.rsplit('.', 1)[-1]} if its constructor needs no "
+                         f"arguments); CLI: normfree export --model package.module:factory")
+    if not isinstance(info.get("num_classes"), int):
+        raise _corrupt(path, "it has no model record (model_info) giving the number of classes")
+    name = source if isinstance(source, str) else factory_name(source)
+    foreign = not config.registered  # (a registered run rebuilt by a user's factory gets no method options)
+    model = build_model(source, num_classes=info["num_classes"], in_chans=info.get("in_chans"),
+                        convert=config.convert if foreign else None,
+                        options=config.model_options if foreign else None)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"the weights in {path} do not fit the model that {name} builds ({one_line(e)})") from None
+    return model.eval()
+
+
+def _registered_model(ckpt: Dict[str, Any], config: TrainConfig) -> nn.Module:
+    path = ckpt.get("path", "?")
     state = ckpt["model"]
     try:
         num_classes, in_chans = int(state["fc.weight"].shape[0]), int(state["stem.0.weight"].shape[1])
@@ -174,13 +217,23 @@ def model_from_checkpoint(ckpt: Dict[str, Any]) -> nn.Module:
         model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError) as e:
         raise _corrupt(path, f"its weights do not fit its configuration ({one_line(e)})") from None
+    from ..backbone import cfg_from_input
+
+    model.pretrained_cfg = {"architecture": config.model, **cfg_from_input(ckpt.get("input"), path)}
     return model.eval()
 
 
-def load_model(path: str, map_location="cpu") -> nn.Module:
-    """The trained model saved in a checkpoint written by :func:`normfree.train`
-    (or in the run directory holding it), in eval mode; loaded with ``weights_only=True``."""
-    return model_from_checkpoint(load_checkpoint(path, map_location))
+def load_model(path: str, map_location="cpu", factory: Optional[Factory] = None) -> nn.Module:
+    """The trained model saved by :func:`normfree.train`, in eval mode: from a
+    checkpoint (``checkpoint.pt``, or the run directory holding it; loaded with
+    ``weights_only=True``) or a weights file (``model.safetensors``). Models
+    passed to ``train`` as objects need ``factory`` (see
+    :func:`model_from_checkpoint`)."""
+    from .weights import load_weights, weights_path
+
+    wpath = weights_path(path)
+    ckpt = load_weights(wpath, map_location) if wpath else load_checkpoint(path, map_location)
+    return model_from_checkpoint(ckpt, factory)
 
 
 def check_state(ckpt: Dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
+from ..factory import check_spec, is_spec
 from ..models import parse_model_name
 from ..schemes import make_scheme
 from .metrics import jsonable
@@ -35,6 +36,7 @@ MAX_BATCH = 2 ** 20
 MAX_IMAGE_SIZE = 4096
 MAX_SEED = 2 ** 62
 MAX_COUNT = 2 ** 40
+MAX_WORKERS = 256
 
 #: Fixup's scalar biases and multipliers train at lr/10 in the authors' code
 #: (hongyi-zhang/Fixup, cifar/cifar_train.py: the bias and scale groups get base_lr / 10)
@@ -86,7 +88,16 @@ class TrainConfig:
     ValueError naming it and what is allowed."""
 
     # model
-    model: str = _f("skipinit_wrn", "registered model name <method>_<arch> (normfree models)")
+    model: Optional[str] = _f("skipinit_wrn", "a registered name <method>_<arch> (normfree models), or "
+                                              "package.module:factory (any importable callable returning an "
+                                              "nn.Module, called with num_classes/in_chans where it takes "
+                                              "them; --opt key=value are its arguments), timm:NAME or "
+                                              "torchvision:NAME (where installed). Python API: None when the "
+                                              "model is passed to train(model=...)")
+    convert: Optional[str] = _f(None, "make a foreign model BN-free before training with normfree.convert: "
+                                      "skipinit, nf, none, gn, ln or in")
+    classifier: Optional[str] = _f(None, "module name of the final classifier, which AGC does not clip "
+                                         "(default: get_classifier(), else the attribute fc, head or classifier)")
     depth: Optional[int] = _f(None, "WRN depth 6n+4 (default: the model's, 16 for wrn)")
     width: Optional[float] = _f(None, "WRN width factor k / ResNet channel multiplier (default 1)")
     model_options: Dict[str, Any] = _f({}, "method options passed to create_model (CLI: --opt key=value, "
@@ -96,7 +107,10 @@ class TrainConfig:
     num_classes: Optional[int] = _f(None, "classifier outputs (default: the data's number of classes)")
     in_chans: Optional[int] = _f(None, "input channels (default and only allowed value: the data's)")
     # data
-    data: str = _f("digits", "data set: digits (built-in default), mnist, fashion_mnist, cifar10, folder")
+    data: Optional[str] = _f("digits", "data set: digits (built-in default), mnist, fashion_mnist, cifar10, "
+                                       "folder, or package.module:function returning a torch Dataset or "
+                                       "DataLoader, or a (train, test) pair of them. Python API: None when "
+                                       "the data are passed to train(dataset=...)")
     data_dir: Optional[str] = _f(None, "directory holding the data set files")
     download: bool = _f(False, "download the data set if missing (where supported)")
     image_size: Optional[int] = _f(None, "folder data set: resize every image to this height = width "
@@ -104,6 +118,8 @@ class TrainConfig:
     augment: Optional[bool] = _f(None, "random crop (zero padding ~H/8) + flips for natural images (default: the data set's choice)")
     max_train_examples: Optional[int] = _f(None, "train on a seeded random subset of this many images")
     max_test_examples: Optional[int] = _f(None, "evaluate on a seeded random subset of this many images")
+    num_workers: int = _f(0, "worker processes reading a torch Dataset (the built-in data sets are in memory "
+                             "and need none)")
     # budget
     epochs: float = _f(10, "number of epochs (ignored when --steps is given)")
     steps: Optional[int] = _f(None, "a step budget instead of epochs")
@@ -156,24 +172,48 @@ class TrainConfig:
             if not cond:
                 raise ValueError(msg)
 
-        check(isinstance(self.model, str), f"model must be a string, got {self.model!r}")
-        method, _, size = parse_model_name(self.model)  # raises ValueError for unknown names
-        for key in ("depth", "width"):
-            given = getattr(self, key)
-            if key in size and given is not None and given != size[key]:
-                raise ValueError(f"model {self.model!r} says {key} {size[key]}, but {key}={given!r} was also "
-                                 f"given: give the {key} once")
-        check_int("depth", self.depth, 1, MAX_DEPTH, optional=True)
-        check_float("width", self.width, 0, MAX_WIDTH, lo_open=True, optional=True)
+        check(self.model is None or isinstance(self.model, str), f"model must be a string or None, got {self.model!r}")
         check(isinstance(self.model_options, dict),
               f"model_options must be a dict of method options, got {type(self.model_options).__name__}")
+        if self.registered:
+            method, _, size = parse_model_name(self.model)  # raises ValueError for unknown names
+            for key in ("depth", "width"):
+                given = getattr(self, key)
+                if key in size and given is not None and given != size[key]:
+                    raise ValueError(f"model {self.model!r} says {key} {size[key]}, but {key}={given!r} was also "
+                                     f"given: give the {key} once")
+        else:
+            if self.model is not None:
+                check_spec(self.model)
+            what = repr(self.model) if self.model is not None else "passed to train()"
+            for key in ("depth", "width", "dropout", "drop_path"):
+                check(getattr(self, key) is None,
+                      f"{key} is an option of normfree's registered models; the model {what} is not one: pass "
+                      f"its own arguments as model_options (CLI: --opt key=value)")
+        check_int("depth", self.depth, 1, MAX_DEPTH, optional=True)
+        check_float("width", self.width, 0, MAX_WIDTH, lo_open=True, optional=True)
         check_float("dropout", self.dropout, 0, 1, hi_open=True, optional=True)
         check_float("drop_path", self.drop_path, 0, 1, hi_open=True, optional=True)
-        make_scheme(method, **self._model_options())   # validates the method options
+        if self.registered:
+            make_scheme(method, **self._model_options())   # validates the method options
+        if self.convert is not None:
+            from ..convert import METHODS as CONVERT_METHODS
+
+            check(self.convert in CONVERT_METHODS,
+                  f"convert must be one of {list(CONVERT_METHODS)}, got {self.convert!r}")
+        check(self.classifier is None or (isinstance(self.classifier, str) and self.classifier.strip() != ""),
+              f"classifier must be a module name (e.g. 'head.fc') or None, got {self.classifier!r}")
         check_int("num_classes", self.num_classes, 1, MAX_CLASSES, optional=True)
         check_int("in_chans", self.in_chans, 1, MAX_CHANNELS, optional=True)
 
-        check(isinstance(self.data, str), f"data must be a data set name, got {self.data!r}")
+        check(self.data is None or isinstance(self.data, str), f"data must be a data set name, got {self.data!r}")
+        if is_spec(self.data):
+            check_spec(self.data, "data")
+        if self.data is None or is_spec(self.data):
+            what = repr(self.data) if self.data is not None else "passed to train()"
+            for key in ("augment", "image_size"):
+                check(getattr(self, key) is None, f"{key} applies to normfree's built-in data sets, not to "
+                                                  f"the data {what} (its own transforms apply)")
         check(self.data_dir is None or isinstance(self.data_dir, str),
               f"data_dir must be a path (string) or None, got {self.data_dir!r}")
         check_int("image_size", self.image_size, 1, MAX_IMAGE_SIZE, optional=True)
@@ -181,6 +221,7 @@ class TrainConfig:
               f"image_size applies to the 'folder' data set only, not {self.data!r}")
         check_int("max_train_examples", self.max_train_examples, 1, MAX_COUNT, optional=True)
         check_int("max_test_examples", self.max_test_examples, 1, MAX_COUNT, optional=True)
+        check_int("num_workers", self.num_workers, 0, MAX_WORKERS)
 
         check_int("steps", self.steps, 1, MAX_STEPS, optional=True)
         check_float("epochs", self.epochs, 0, MAX_EPOCHS, lo_open=True)
@@ -225,6 +266,13 @@ class TrainConfig:
         check_int("stop_after_steps", self.stop_after_steps, 1, MAX_STEPS, optional=True)
         return self
 
+    def check_convert(self) -> None:
+        """``convert`` needs a foreign model (checked when training starts, once a
+        model passed to ``train`` has taken the place of ``model``)."""
+        if self.convert is not None and self.registered:
+            raise ValueError(f"convert={self.convert!r} makes a foreign model BN-free; {self.model!r} is a normfree "
+                             f"model: choose the method in its name (e.g. nf_resnet50)")
+
     def _model_options(self) -> Dict[str, Any]:
         opts = dict(self.model_options or {})
         if self.dropout is not None:
@@ -234,9 +282,14 @@ class TrainConfig:
         return opts
 
     @property
-    def method(self) -> str:
-        """The method part of the model name ("fixup" for "fixup_wrn")."""
-        return parse_model_name(self.model)[0]
+    def registered(self) -> bool:
+        """True when ``model`` is a registered normfree name (not a factory, not None)."""
+        return isinstance(self.model, str) and not is_spec(self.model)
+
+    @property
+    def method(self) -> Optional[str]:
+        """The method part of a registered model name ("fixup" for "fixup_wrn"); None for other models."""
+        return parse_model_name(self.model)[0] if self.registered else None
 
     def effective_scalar_lr_mult(self) -> float:
         """``scalar_lr_mult``, or its default: 0.1 for Fixup models, 1 otherwise."""
@@ -258,9 +311,10 @@ class TrainConfig:
 #: fields that may differ between a run and its resumption: where it writes and
 #: how it reports. A different steps/epochs changes the learning-rate schedule
 #: (checked on resume, see ``reschedule``); data_dir may move if the data's
-#: fingerprint stays the same.
+#: fingerprint stays the same; num_workers does not change what a sample is
+#: (each is read with generators seeded from its own seed, epoch and index).
 RESUMABLE_CHANGES = {"epochs", "steps", "out", "resume", "reschedule", "progress", "log_every", "eval_every",
-                     "checkpoint_every", "stop_after_steps", "device", "data_dir", "download"}
+                     "checkpoint_every", "stop_after_steps", "device", "data_dir", "download", "num_workers"}
 
 
 @dataclass

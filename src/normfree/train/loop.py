@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..atomic import write_text
-from ..models import create_model
+from ..factory import find_classifier
 from . import feed
 from .checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resumable, check_same_config, check_state,
                          load_checkpoint, one_line, save_checkpoint)
@@ -28,9 +28,11 @@ from .config import MAX_STEPS, TrainConfig, TrainResult
 from .distributed import Dist, session
 from .interrupt import Interrupted, StopRequests
 from .metrics import MetricsFiles, StepLog, jsonable
+from .model import ModelArg, adopt, make_model
 from .optim import Schedule, make_optimizer
 from .rundir import RunDir
 from .step import train_step
+from .weights import WEIGHTS, save_weights
 
 Callback = Callable[[int, nn.Module, Dict[str, Any]], Any]
 
@@ -43,7 +45,8 @@ class Diverged(Exception):
         self.step, self.last_finite, self.what = step, last_finite, what
 
 
-def train(cfg: TrainConfig, callback: Optional[Callback] = None, dataset=None) -> TrainResult:
+def train(cfg: TrainConfig, callback: Optional[Callback] = None, dataset=None, *, model: ModelArg = None,
+          test_data=None) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data`` (see :mod:`normfree.train` for what is done).
 
     Args:
@@ -51,8 +54,21 @@ def train(cfg: TrainConfig, callback: Optional[Callback] = None, dataset=None) -
         callback: ``callback(step, model, record)`` every ``log_every`` steps with
             the unwrapped model and the logged record; raising KeyboardInterrupt
             in it stops the run like Ctrl-C (checkpoint written, then re-raised).
-        dataset: an already loaded ``normfree.data.load_dataset(...)`` result to
-            use instead of loading ``cfg.data`` (sweeps load data once).
+        dataset: the data instead of ``cfg.data``: an already loaded
+            ``normfree.data.load_dataset(...)`` result (sweeps load data once),
+            or a ``torch.utils.data`` Dataset or DataLoader of ``(input, label)``
+            pairs (:mod:`normfree.train.torchdata`: normfree orders their
+            batches from the seed where it can, so resume stays exact; the
+            run says when it cannot).
+        model: the model instead of ``cfg.model``: an ``nn.Module`` (trained in
+            place, unless ``cfg.convert`` converts a copy), or a callable
+            returning one (called under the seed, with ``num_classes`` /
+            ``in_chans`` where it takes them and ``cfg.model_options``). The
+            stored configuration then has ``model=None``, or the callable's
+            ``package.module:name`` when it can be imported again; depth,
+            width, dropout and drop_path must be unset.
+        test_data: the evaluation data (Dataset or DataLoader) that go with a
+            torch ``dataset``; without it the run has no test metrics.
 
     Returns:
         :class:`TrainResult`. On Ctrl-C or SIGTERM the checkpoint is written
@@ -60,6 +76,8 @@ def train(cfg: TrainConfig, callback: Optional[Callback] = None, dataset=None) -
         is raised.
     """
     cfg.validate()
+    cfg = adopt(cfg, model, dataset)
+    cfg.check_convert()
     with session(cfg) as dist:
         run_dir = RunDir.open(cfg.out, cfg.resume) if cfg.out and dist.main else None
         try:
@@ -68,7 +86,7 @@ def train(cfg: TrainConfig, callback: Optional[Callback] = None, dataset=None) -
                 ckpt = load_checkpoint(os.path.join(cfg.out, CHECKPOINT))
                 check_state(ckpt)
                 check_same_config(ckpt, cfg)
-            return Trainer(cfg, dist, callback, dataset, run_dir, ckpt).run()
+            return Trainer(cfg, dist, callback, dataset, run_dir, ckpt, model=model, test_data=test_data).run()
         finally:
             if run_dir is not None:
                 run_dir.close()
@@ -78,7 +96,8 @@ class Trainer:
     """One run: its data, model, optimizer, schedule and position, and the loop."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist, callback: Optional[Callback], dataset,
-                 run_dir: Optional[RunDir], ckpt: Optional[Dict[str, Any]]):
+                 run_dir: Optional[RunDir], ckpt: Optional[Dict[str, Any]], model: ModelArg = None,
+                 test_data=None):
         self.cfg, self.dist, self.callback = cfg, dist, callback
         self.t_start = time.perf_counter()
         self.device = dist.device
@@ -90,7 +109,13 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {dist.world} distributed processes")
         self.local_batch = cfg.batch_size // dist.world
 
-        self.data = feed.from_dataset(cfg, dataset, dist.rank, dist.world, self.device, self.local_batch, self.amp)
+        self.data = feed.make(cfg, dataset, test_data, dist.rank, dist.world, self.device, self.local_batch, self.amp)
+        self.global_batch = self.data.global_batch or cfg.batch_size
+        if self.global_batch != cfg.batch_size:
+            self.say(f"note: the DataLoader gives {self.global_batch // dist.world} examples per batch and process "
+                     f"({self.global_batch} per step in all); batch_size={cfg.batch_size} is not used")
+        if self.data.order_note and ckpt is None:
+            self.say(self.data.order_note)
         self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * self.steps_per_epoch))
         if self.total_steps > MAX_STEPS:
@@ -98,7 +123,7 @@ class Trainer:
                              f"more than the {MAX_STEPS} allowed")
         self.warmup = cfg.warmup_steps or int(round(cfg.warmup_epochs * self.steps_per_epoch))
         self.schedule = Schedule(cfg, self.total_steps, self.warmup)
-        self.model, self.net, self.opt = self.build_model()
+        self.model, self.net, self.opt = self.build_model(model)
 
         # position and records
         self.step = self.epoch = self.batch_in_epoch = 0
@@ -126,21 +151,22 @@ class Trainer:
                        json.dumps(jsonable(self.describe(resumed=ckpt is not None)), indent=2) + "\n")
 
     # ------------------------------------------------------------ set-up
-    def build_model(self):
-        cfg, data = self.cfg, self.data
-        if cfg.in_chans is not None and cfg.in_chans != data.in_chans:
-            raise ValueError(f"in_chans={cfg.in_chans} but the data {data.name!r} has {data.in_chans} channels")
-        self.num_classes = cfg.num_classes or data.num_classes
-        if self.num_classes < data.num_classes:
-            raise ValueError(f"num_classes={self.num_classes} is smaller than the data's {data.num_classes} classes")
-        torch.manual_seed(cfg.seed)
-        model = create_model(cfg.model, depth=cfg.depth, width=cfg.width, num_classes=self.num_classes,
-                             in_chans=data.in_chans, **cfg._model_options())
-        model.to(self.device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
+    def build_model(self, given: ModelArg = None):
+        """The run's model (:func:`normfree.train.model.make_model`), its optimizer
+        (AGC without the classifier) and the module the loop calls (DDP / compiled)."""
+        cfg = self.cfg
+        built = make_model(cfg, self.data, given, self.device, self.say)
+        model, self.num_classes, self.model_info = built.model, built.num_classes, built.info
         self.num_params = sum(p.numel() for p in model.parameters())
-        opt = make_optimizer(model, cfg)
+        self.classifier = None
+        if cfg.agc is not None:
+            self.classifier, head = find_classifier(model, cfg.classifier)
+            if head is None:
+                self.say(f"note: no classifier found in {type(model).__name__} (no get_classifier(), fc, head or "
+                         f"classifier): AGC clips every layer; name it with classifier= (--classifier)")
+            opt = make_optimizer(model, cfg, agc_exclude=list(head.parameters()) if head is not None else [])
+        else:
+            opt = make_optimizer(model, cfg)
         net = self.dist.wrap(model, self.say)
         if cfg.compile:
             net = torch.compile(net)
@@ -158,7 +184,9 @@ class Trainer:
                 "train_examples": d.num_train, "test_examples": d.num_test,
                 "num_params": self.num_params, "augment": d.augment, "data_name": d.name,
                 "data_fingerprint": d.fingerprint, "num_classes": self.num_classes, "in_chans": d.in_chans,
-                "torch": torch.__version__, "resumed_at_step": self.step if resumed else None}
+                "batch_size": self.global_batch, "model_info": self.model_info, "agc_excluded": self.classifier,
+                "exact_resume": d.order_note is None, "torch": torch.__version__,
+                "resumed_at_step": self.step if resumed else None}
 
     def restore(self, ckpt: Dict[str, Any]) -> None:
         """Continue from ``ckpt`` exactly (checked against this run first)."""
@@ -166,6 +194,8 @@ class Trainer:
         note = check_resumable(ckpt, self.cfg, self.steps_per_epoch, self.data.fingerprint, self.schedule.record())
         if note:
             self.say(note)
+        if self.data.order_note:
+            self.say(self.data.order_note.replace("note:", "note: resuming, but", 1))
         try:
             self.model.load_state_dict(ckpt["model"])
             self.opt.load_state_dict(ckpt["optimizer"])
@@ -223,9 +253,10 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        state = self.model.state_dict()
         save_checkpoint({
             "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
+            "model": state,
             "optimizer": self.opt.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
@@ -236,7 +267,11 @@ class Trainer:
             "input": json.dumps(self.data.input_info),
             "data": json.dumps(self.data.fingerprint),
             "schedule": json.dumps(self.schedule.record()),
+            "model_info": json.dumps(self.model_info),
         }, self.ckpt_path)
+        save_weights(os.path.join(self.cfg.out, WEIGHTS), state,
+                     {"step": str(self.step), "config": self.cfg.to_dict(), "model_info": self.model_info,
+                      "input": self.data.input_info})
 
     def log_window(self) -> Dict[str, Any]:
         """Sync, check divergence, record the window since the last log, run the callback."""
@@ -250,7 +285,7 @@ class Trainer:
         loss, acc = self.log.mean(a, b)
         rec = {"kind": "train", "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
                "lr": self.opt.param_groups[0]["lr"], "loss": loss, "acc": acc,
-               "images_per_sec": (b - a) * self.cfg.batch_size / seg_t if seg_t > 0 else None,
+               "images_per_sec": (b - a) * self.global_batch / seg_t if seg_t > 0 else None,
                "data_time_frac": seg_d / seg_t if seg_t > 0 else None}
         self._t_at_log, self._d_at_log = self.t_train, self.t_data
         self.check_finite()
@@ -277,7 +312,8 @@ class Trainer:
     def run(self) -> TrainResult:
         if self.cfg.progress and self.dist.main and sys.stderr.isatty():
             from tqdm import tqdm
-            self.pbar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.model, unit="step",
+            self.pbar = tqdm(total=self.total_steps, initial=self.step, desc=self.cfg.model or type(self.model).__name__,
+                             unit="step",
                              dynamic_ncols=True, file=sys.stderr)
         status, div = "ok", None
         try:
@@ -306,7 +342,8 @@ class Trainer:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self.stop.in_step = False
                 self.check_finite()
-                if self.cfg.eval_every and self.epoch % self.cfg.eval_every == 0 and self.dist.main:
+                if self.cfg.eval_every and self.epoch % self.cfg.eval_every == 0 and self.dist.main \
+                        and self.data.evaluate is not None:
                     self.eval_record()
                 self.save()
             if self.stop_reached() and self.step < self.total_steps:
@@ -341,7 +378,7 @@ class Trainer:
             self.log.record(loss, acc)
             self.step += 1
             self.batch_in_epoch += 1
-            self.images += cfg.batch_size
+            self.images += self.global_batch
             t2 = time.perf_counter()
             self.t_data += t1 - t0
             self.t_train += t2 - t0
@@ -398,7 +435,7 @@ class Trainer:
             final_loss, train_acc = float("nan"), float("nan")
         else:
             final_loss, train_acc = self.log.tail()
-            if status == "ok" and self.dist.main:
+            if status == "ok" and self.dist.main and self.data.evaluate is not None:
                 if self.last_eval_step == self.step and self.history and self.history[-1].get("kind") == "eval":
                     test_loss, test_acc = self.history[-1]["test_loss"], self.history[-1]["test_acc"]
                 else:

@@ -4,7 +4,7 @@ on conv/linear weights; scalars at their own learning rate), SGD/AdamW
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -62,8 +62,13 @@ def param_groups(model: nn.Module, weight_decay: float, scalar_lr_mult: float = 
     return out
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW over :func:`param_groups`, wrapped in AGC when ``cfg.agc``."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig, agc_exclude: Optional[List[nn.Parameter]] = None
+                   ) -> torch.optim.Optimizer:
+    """SGD or AdamW over :func:`param_groups`, wrapped in AGC when ``cfg.agc``.
+
+    AGC leaves out ``agc_exclude``; by default the classifier that
+    :func:`normfree.factory.find_classifier` finds (``cfg.classifier`` names it;
+    nothing is left out when none is found)."""
     groups = param_groups(model, cfg.weight_decay, cfg.effective_scalar_lr_mult())
     for g in groups:
         g["lr"] = cfg.lr * g["lr_mult"]
@@ -74,7 +79,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.agc is not None:
         from ..agc import AGC
-        opt = AGC(opt, model=model, clipping=cfg.agc, eps=cfg.agc_eps)
+
+        if agc_exclude is None:
+            from ..factory import find_classifier
+
+            head = find_classifier(model, cfg.classifier)[1]
+            agc_exclude = list(head.parameters()) if head is not None else []
+        opt = AGC(opt, model=model, clipping=cfg.agc, eps=cfg.agc_eps, exclude=agc_exclude)
     return opt
 
 
