@@ -503,3 +503,27 @@ def test_a_short_training_run_lowers_the_loss(method):
         opt.step()
     end = probe_loss()
     assert math.isfinite(end) and end < 0.5 * start, (start, end)
+
+
+def test_normfree_train_initializes_lsuv_models_on_its_first_batch(capfd):
+    """``normfree train`` of an ``lsuv`` model runs LSUV on the run's first
+    training batch: every conv's output variance on training images is ~1
+    (He init gives far from 1 at the deep end), and the weights differ from the
+    registry's He-initialized model built under the same seed."""
+    from normfree.lsuv import output_variance
+    from normfree.train import TrainConfig, train
+
+    cfg = TrainConfig(model="lsuv_wrn", depth=16, width=1, data="digits", batch_size=64, lr=1e-12,
+                      max_train_examples=256, max_test_examples=64, steps=1, log_every=1, progress=False,
+                      augment=False)
+    res = train(cfg)
+    x, _ = digits()
+    probe = x[:256]
+    layers = lsuv_layers(res.model, probe)
+    variances = [output_variance(res.model, probe, m) for m in layers[:-1]]   # the classifier: not a conv
+    assert all(0.6 < v < 1.6 for v in variances), variances
+    torch.manual_seed(0)
+    he = normfree.create_model("lsuv_wrn", depth=16, width=1, in_chans=1, num_classes=10)
+    he_vars = [output_variance(he, probe, m) for m in lsuv_layers(he, probe)[:-1]]
+    assert max(abs(v - 1) for v in he_vars) > 0.6, he_vars      # the check above could fail without LSUV
+    assert "LSUV: " in capfd.readouterr().err

@@ -40,7 +40,9 @@ class Scheme:
                  conv="wn": orthogonal directions, g = sqrt(G^2 cin / cout) with G the He
                  gain of the conv's input, and g x sqrt(1/L) on the last conv of every branch).
     data_init:   None, or "lsuv": the model is meant to be initialized on data with
-                 :func:`normfree.lsuv_init` (Mishkin & Matas 2016) before use.
+                 :func:`normfree.lsuv_init` (Mishkin & Matas 2016) before use
+                 (``normfree train`` does it on its first training batch,
+                 ``normfree spp`` on noise).
     act:         activation name (see ``normfree.layers.ACTIVATIONS``).
     gain_init:   None (no gain) or the init of one learnable scalar per branch
                  (SkipInit); a number, or "1/sqrt(d)" for 1/sqrt(number of blocks).

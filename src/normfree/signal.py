@@ -909,13 +909,15 @@ def compare_models(names: Sequence[str], *, batch: Optional[int] = None, resolut
 
 
 def format_table(results: Dict[str, Sequence[BlockStats]], predictions=None) -> str:
-    """A short text table: one line per (model, block)."""
-    lines = [f"{'model':18s} {'block':>5s} {'stage':>5s} {'mean_sq':>10s} {'var':>10s} {'pred_var':>10s} "
+    """A short text table: one line per (model, block); the model column is as
+    wide as the longest label (labels are never cut)."""
+    w = max([len("model")] + [len(label) for label in results])
+    lines = [f"{'model':{w}s} {'block':>5s} {'stage':>5s} {'mean_sq':>10s} {'var':>10s} {'pred_var':>10s} "
              f"{'res_var':>10s} {'ratio':>7s}"]
-    fmt = lambda v, w=10: f"{v:{w}.4g}" if v is not None else f"{'-':>{w}s}"  # noqa: E731
+    fmt = lambda v, n=10: f"{v:{n}.4g}" if v is not None else f"{'-':>{n}s}"  # noqa: E731
     for label, stats in results.items():
         pred = (predictions or {}).get(label)
         for j, r in enumerate(stats):
-            lines.append(f"{label[:18]:18s} {r.index:5d} {r.stage:5d} {fmt(r.mean_sq)} {fmt(r.var)} "
+            lines.append(f"{label:{w}s} {r.index:5d} {r.stage:5d} {fmt(r.mean_sq)} {fmt(r.var)} "
                          f"{fmt(pred[j] if pred else None)} {fmt(r.res_var)} {fmt(r.ratio, 7)}")
     return "\n".join(lines)
