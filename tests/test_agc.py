@@ -284,10 +284,13 @@ def test_zero_grad_add_param_group_and_pickling_are_the_wrapped_optimizers():
     assert a.weight.grad is None
     opt.add_param_group({"params": list(b.parameters())})
     assert len(opt.param_groups) == 2 and opt.optimizer.param_groups[1]["params"][0] is b.weight
-    b(torch.randn(5, 4)).pow(2).sum().backward()
-    opt.step()
-    bound = 1e-3 * b.weight.detach().norm(dim=1).clamp(min=0.5)
-    assert torch.all(b.weight.grad.norm(dim=1) <= bound * (1 + 1e-5))  # the new group was clipped
+    with torch.no_grad():
+        b.weight.mul_(0.01)  # rows of norm < eps = 0.5: the eps floor sets the bound
+    x4 = torch.randn(5, 4)
+    assert opt.step() is None  # no closure: nothing to return
+    loss = opt.step(lambda: b(x4).pow(2).sum().backward() or torch.tensor(3.0))
+    assert loss.item() == 3.0  # the closure's value, after it computed the gradients that were clipped
+    assert torch.allclose(b.weight.grad.norm(dim=1), torch.full((2,), 1e-3 * 0.5), rtol=1e-5)  # new group clipped
     twin = AGC(torch.optim.SGD([{"params": list(a.parameters())}, {"params": list(b.parameters())}], lr=0.7))
     twin.load_state_dict(opt.state_dict())  # into the wrapped optimizer
     assert [g["lr"] for g in twin.optimizer.param_groups] == [0.0, 0.0]
