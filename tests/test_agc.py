@@ -294,6 +294,12 @@ def test_zero_grad_add_param_group_and_pickling_are_the_wrapped_optimizers():
     twin = AGC(torch.optim.SGD([{"params": list(a.parameters())}, {"params": list(b.parameters())}], lr=0.7))
     twin.load_state_dict(opt.state_dict())  # into the wrapped optimizer
     assert [g["lr"] for g in twin.optimizer.param_groups] == [0.0, 0.0]
+    # one name, module or tensor instead of a list
+    seq = nn.Sequential(a, b)
+    sgd = torch.optim.SGD(seq.parameters(), lr=0.1)
+    assert [id(p) for p in AGC(sgd, exclude=a.bias).excluded] == [id(a.bias)]
+    assert [id(p) for p in AGC(sgd, exclude=b).excluded] == [id(b.weight), id(b.bias)]
+    assert [id(p) for p in AGC(sgd, model=seq, exclude="1.weight").excluded] == [id(b.weight)]
     for other in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
         assert (other.clipping, other.eps, len(other.excluded)) == (1e-3, 0.5, 1)
         assert isinstance(other.optimizer, torch.optim.SGD) and len(other.param_groups) == 2
