@@ -579,6 +579,10 @@ def test_option_bounds_include_their_documented_ends():
     ok = [dict(alpha=10.0), dict(alpha=1e-9), dict(gain_init=100.0), dict(gain_init=-100.0), dict(gain_init=0),
           dict(dropout=0.0), dict(drop_path=0.999), dict(skip_alpha=10.0), dict(beta=10.0), dict(beta_decay=1.0),
           dict(beta_decay=1e-9), dict(gain_init="1/sqrt(d)"), dict(alpha=None), dict(gain_init=None)]
+    ok += [dict(shortcut=v) for v in ("conv", "pool_pad", "auto")] + [dict(order=v) for v in ("norm_act", "act_norm")]
+    ok += [dict(conv=v) for v in ("plain", "ws", "wn", "cwn")] + [dict(norm=v) for v in (None, "bn", "gn", "ln", "in")]
+    ok += [dict(classifier_init=v) for v in ("default", "zero", "normal_0.01")] + [dict(data_init=v) for v in (None, "lsuv")]
+    ok += [dict(act=v) for v in normfree.ACTIVATIONS]
     for kw in ok:
         make_scheme("nf", **kw)
     bad = [dict(alpha=10.001), dict(gain_init=100.001), dict(gain_init=-100.001), dict(dropout=1.0),
