@@ -164,6 +164,11 @@ def run(name: str, max_children: int, recheck: bool = False) -> dict:
     _copy_tree(where)
     with open(where / "pyproject.toml", "a") as f:
         f.write(_config(source, tests, *skip))
+    # which tests run which function: collected anew each time (the tests may have changed;
+    # mutmut would otherwise keep the map of the first run). Results of unchanged mutants stay.
+    stats = where / "mutants" / "mutmut-stats.json"
+    if stats.exists():
+        stats.unlink()
     t0 = time.time()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
     if recheck:  # the survivors of the last run, against the current tests

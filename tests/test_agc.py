@@ -303,3 +303,12 @@ def test_zero_grad_add_param_group_and_pickling_are_the_wrapped_optimizers():
     for other in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
         assert (other.clipping, other.eps, len(other.excluded)) == (1e-3, 0.5, 1)
         assert isinstance(other.optimizer, torch.optim.SGD) and len(other.param_groups) == 2
+
+
+def test_classifier_exclude_takes_the_weight_or_a_weightless_heads_parameters():
+    from normfree.agc import classifier_exclude
+    lin = nn.Linear(3, 2)
+    assert classifier_exclude(None) == []
+    assert [id(p) for p in classifier_exclude(lin)] == [id(lin.weight)]
+    seq = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))  # no .weight of its own: all of it
+    assert [id(p) for p in classifier_exclude(seq)] == [id(p) for p in seq.parameters()]
