@@ -611,6 +611,9 @@ def test_aliases_regularized_defaults_and_initial_gain():
     assert isinstance(make_scheme("skipinit", gain_init=2).initial_gain(9), float)
     assert {m for m, s in SCHEMES.items() if s.uses_batch_stats} == {"bn", "relubn", "szegedy"}
     assert normfree.list_methods() == sorted(SCHEMES)
+    for field in ("name", "doc"):  # the method's identity and text are not options
+        with pytest.raises(TypeError, match=f"unknown option '{field}'"):
+            make_scheme("nf", **{field: "x"})
     with pytest.raises(ValueError, match=r"unknown method 'nff' \(did you mean 'nf'\?\)"):
         make_scheme("nff")
     with pytest.raises(ValueError, match=r"unknown method 'qqqq'; allowed"):  # nothing close: no suggestion
