@@ -83,6 +83,7 @@ SKIP_ALWAYS = [r"^\s*raise \w+\(", r"^\s*warnings\.warn\(", r"^    def (extra_re
 EQUIVALENT = {
     "normfree.schemes.x__closest__mutmut_7": "get_close_matches lists the best match first; only close[0] is used",
     "normfree.schemes.x__closest__mutmut_9": "get_close_matches lists the best match first; only close[0] is used",
+    "normfree.train.optim.x_make_optimizer__mutmut_23": "SGD's default lr is never used: every group sets its own lr",
 }
 
 WORK = ROOT / "runs" / "mutate"
