@@ -64,10 +64,11 @@ MODULES = {
         "or residual_statistics",
         "tests/test_properties.py", "-k", "measure_signal",
         "tests/test_methods.py", "-k", "predict_variance_is"],
-        [r"^def (find_blocks|_default_branch|_skip_module|_validate_blocks|_measurement_mode|_model_device_dtype|"
-         r"_input_shape|_check_input|_chunks|_auto_chunk|_first_conv_channels|_forward|_stages|_warn_bn_chunks|"
-         r"measure_gradients|path_length_distribution|effective_depth|_rows|write_csv|write_json|compare_models|"
-         r"format_table|_is_torchvision_block)\b", r"^    def (to_dicts|column)\b"]),
+        ["find_blocks", "_default_branch", "_skip_module", "_validate_blocks", "_measurement_mode",
+         "_model_device_dtype", "_input_shape", "_check_input", "_chunks", "_auto_chunk", "_first_conv_channels",
+         "_forward", "_stages", "_warn_bn_chunks", "measure_gradients", "path_length_distribution",
+         "effective_depth", "_rows", "write_csv", "write_json", "compare_models", "format_table",
+         "_is_torchvision_block", "to_dicts", "column"]),
 }
 # the study's verdict rules, once normfree/study/verdicts.py exists
 if (ROOT / "src/normfree/study/verdicts.py").exists():
@@ -76,7 +77,8 @@ if (ROOT / "src/normfree/study/verdicts.py").exists():
         "or needs_bn or budget_rules"])
 # not mutated anywhere: the wording of error messages and warnings (their tests match parts of
 # the text), which would only add string mutants that no result depends on
-SKIP_ALWAYS = [r"^\s*raise \w+\(", r"^\s*warnings\.warn\(", r"^    def (extra_repr|__repr__)\b"]
+SKIP_ALWAYS = [r"^\s*raise \w+\(", r"^\s*warnings\.warn\("]
+SKIP_FUNCTIONS_ALWAYS = ("extra_repr", "__repr__")
 
 # surviving mutants that no test can tell apart from the original, with the reason (mutmut's
 # names number the mutants of a function: a changed function gets new numbers, recheck then)
@@ -105,7 +107,7 @@ def _selection(args):
     return files, ks
 
 
-def _config(source: str, tests, skip=()) -> str:
+def _config(source: str, tests) -> str:
     files, ks = _selection(tests)
     sel = list(files)
     if ks:
@@ -115,11 +117,31 @@ def _config(source: str, tests, skip=()) -> str:
             f"only_mutate = [{json.dumps(source)}]\n"
             f"pytest_add_cli_args_test_selection = {json.dumps(sel)}\n"
             "pytest_add_cli_args = [\"-q\", \"-x\", \"-p\", \"no:cacheprovider\"]\n"
-            f"do_not_mutate_patterns = {json.dumps(SKIP_ALWAYS + list(skip))}\n"
+            f"do_not_mutate_patterns = {json.dumps(SKIP_ALWAYS)}\n"
             "process_isolation = \"forkserver\"\n"
             "use_git_change_detection = false\n"
             "timeout_multiplier = 20.0\n"
             "timeout_constant = 15.0\n")
+
+
+def _skip_functions(path: Path, names) -> None:
+    """Wrap the functions called ``names`` in the copy at ``path`` in mutmut's
+    ``# pragma: no mutate start`` / ``end`` comment lines (mutmut's own patterns match
+    single lines only). Only the copy is changed, never the project's source."""
+    import ast
+
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    spans = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            spans.append((first, node.end_lineno, node.col_offset))
+    for first, last, col in sorted(spans, reverse=True):  # bottom-up: earlier line numbers stay valid
+        pad = " " * col
+        lines.insert(last, f"{pad}# pragma: no mutate end\n")
+        lines.insert(first - 1, f"{pad}# pragma: no mutate start\n")
+    path.write_text("".join(lines))
 
 
 def _copy_tree(dest: Path) -> None:
@@ -163,8 +185,9 @@ def run(name: str, max_children: int, recheck: bool = False) -> dict:
     where = WORK / name
     where.mkdir(parents=True, exist_ok=True)
     _copy_tree(where)
+    _skip_functions(where / source, set(SKIP_FUNCTIONS_ALWAYS) | set(*skip))
     with open(where / "pyproject.toml", "a") as f:
-        f.write(_config(source, tests, *skip))
+        f.write(_config(source, tests))
     # which tests run which function: collected anew each time (the tests may have changed;
     # mutmut would otherwise keep the map of the first run). Results of unchanged mutants stay.
     stats = where / "mutants" / "mutmut-stats.json"
