@@ -27,6 +27,8 @@ Scale = Optional[Union[float, torch.Tensor]]
 ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
+    # GELU's tanh approximation: jax.nn.gelu's default, so the one DeepMind's NFNets use
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
     "tanh": torch.tanh,
     "elu": F.elu,
@@ -40,6 +42,7 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 PUBLISHED_GAMMAS: Dict[str, float] = {
     "relu": 1.7139588594436646,
     "gelu": 1.7015043497085571,
+    "gelu_tanh": 1.7015043497085571,  # the published "gelu" constant was drawn with jax's tanh form
     "silu": 1.7881293296813965,
     "tanh": 1.5939117670059204,
     "elu": 1.2716004848480225,
@@ -62,7 +65,7 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def _normal_moments(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple:
     """(E[g(z)], E[g(z)^2]) for z ~ N(0, 1), by trapezoidal integration on a fine
     grid (accurate to ~1e-9 even for kinks such as ReLU's)."""
-    z = torch.linspace(-12.0, 12.0, 480_001, dtype=torch.float64)
+    z = torch.linspace(-12.0, 12.0, 480_001, dtype=torch.float64, device="cpu")  # (also under a meta-device context)
     w = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     with torch.no_grad():
         g = fn(z).to(torch.float64)
@@ -473,18 +476,21 @@ class ScalarBias(nn.Module):
 
 
 class Activation(nn.Module):
-    """A named activation as a module (``relu``, ``gelu``, ...)."""
+    """A named activation as a module (``relu``, ``gelu``, ...), times ``gain``
+    (1 unless given: NF stems multiply by the activation's gamma)."""
 
-    def __init__(self, name: str = "relu"):
+    def __init__(self, name: str = "relu", gain: float = 1.0):
         super().__init__()
         self.name = name
         self.fn = get_activation(name)
+        self.gain = gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
+        y = self.fn(x)
+        return y if self.gain == 1.0 else y * self.gain
 
     def extra_repr(self) -> str:
-        return self.name
+        return self.name if self.gain == 1.0 else f"{self.name}, gain={self.gain:.6g}"
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
