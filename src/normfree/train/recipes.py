@@ -11,7 +11,7 @@ scaled with the batch size in use.
   ``optim.py``): SGD, Nesterov momentum 0.9, weight decay 2e-5 on weights only
   (none on gains and biases), lr 0.1 x batch / 256, 5 epochs of linear warmup
   then cosine decay to 0, label smoothing 0.1, adaptive gradient clipping 0.01
-  (eps 1e-3) on everything but the classifier, 360 epochs at batch 4096. The
+  (eps 1e-3) on everything but the classifier's weight, 360 epochs at batch 4096. The
   model's published options come with its registered name (``nfnet_f0``:
   GELU, dropout 0.2, stochastic depth 0.25).
 * ``nf_regnet`` (``nfnets/experiment_nf_regnets.py``): SGD, Nesterov 0.9, lr 0.4
@@ -21,10 +21,8 @@ scaled with the batch size in use.
 
 Not reproduced by normfree's trainer (say so when comparing with the paper):
 the exponential moving average of the weights (decay 0.99999), CutMix, MixUp and
-RandAugment, bfloat16 activations, ImageNet's resize-crop pre-processing, the
-final cosine value of NF-RegNets (min lr 0.001 x peak there, 0 here), and
-AGC's clipping of the classifier bias (the official code exempts only the
-classifier weight; normfree exempts the whole classifier).
+RandAugment, bfloat16 activations, ImageNet's resize-crop pre-processing, and
+the final cosine value of NF-RegNets (min lr 0.001 x peak there, 0 here).
 """
 from __future__ import annotations
 
