@@ -245,6 +245,26 @@ def test_nf_regnet_b0_spp_matches_the_official_code_within_10_percent():
     assert np.abs(rel).max() <= 0.10, np.round(rel, 3)
 
 
+def test_spp_compare_takes_the_nf_families(tmp_path, capsys):
+    """``normfree spp --compare``: NFNets and NF-RegNets are measured as ImageNet
+    models (batch 8 at 128x128 by default, not the CIFAR default of 256 at 32x32),
+    with their skip gain at 1 and no analytic prediction (their average-pool
+    shortcut is not in the formula)."""
+    from normfree.cli import main
+    out = tmp_path / "spp.png"
+    assert main(["spp", "--model", "nfnet_f0", "--compare", "nf_regnet_b0", "nfnet_f1plus", "--width", "0.0625",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    doc = json.loads(out.with_suffix(".json").read_text())["models"]
+    for name, blocks in (("nfnet_f0", 12), ("nf_regnet_b0", 16), ("nfnet_f1plus", 24)):
+        label = f"{name} (gain 1)"
+        assert label in text and label in doc
+        assert doc[label]["input_shape"] == [8, 3, 128, 128] and doc[label]["predicted_var"] is None
+        assert len(doc[label]["blocks"]) == blocks
+    with pytest.raises(ValueError, match="average-pool shortcut"):
+        normfree.predict_variance("nfnet_f0", width=1 / 16)
+
+
 # --------------------------------------------------------------------------
 # the block computes the official formula
 # --------------------------------------------------------------------------
