@@ -5,6 +5,7 @@ block's configuration, and its SPP with every skip gain at 1)."""
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,9 @@ def test_every_published_variant_is_a_registered_model():
         normfree.create_model("nfnet_f8")
     with pytest.raises(ValueError, match=r"nfnet_f1 has the published depths; got depth=50"):
         normfree.create_model("nfnet_f1", depth=50)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for first in ("nfnet_f0", "nf_regnet_b0"):  # the README's method table has a row for each family
+        assert re.search(rf"^\| `{first}` \.\. ", readme, re.M), first
 
 
 @pytest.mark.parametrize("name", sorted(COUNTS))
