@@ -42,8 +42,8 @@ def test_quick_study_writes_a_complete_report(quick):
         assert title in md and title in page
     # a smoke test says so at the top, before any claim
     assert QUICK_WARNING in md.split("## Claims")[0] and "smoke test" in page.split("<h2>Claims")[0]
-    assert page.count("data:image/png;base64,") >= 7 and "src='figures/" not in page
-    for fig in ["spp", "spp_skipinit", "depth", "batch_lr", "paths_tracking", "lesion", "agc"]:
+    assert page.count("data:image/png;base64,") >= 8 and "src='figures/" not in page
+    for fig in ["spp", "spp_skipinit", "spp_methods", "depth", "batch_lr", "paths_tracking", "lesion", "agc"]:
         for ext in ("png", "svg"):
             assert os.path.getsize(os.path.join(out, "figures", f"{fig}.{ext}")) > 1000
     assert "platform" in md and "torch" in md and "CPU time" in md
@@ -191,6 +191,38 @@ def test_spp_draws_nf_with_skip_gain_one():
     opts = {s.label.rsplit(" seed ", 1)[0]: s.cfg["options"] for s in spp.plan(ctx)}
     assert opts["nf"] == {"gain_init": 1.0} and opts["nf_he"] == {"gain_init": 1.0}
     assert opts["skipinit a=1"] == {"gain_init": 1.0} and opts["skipinit"] == {"gain_init": 0.0}
+
+
+def test_issue_17_methods_are_in_the_spp_and_the_deep_ones_in_the_depth_curve():
+    from normfree.study import Context, DataInfo
+    size = study_size("default")
+    ctx = Context(size, 0, "cpu", "/tmp", DataInfo.guess("digits"))
+    runs = {s.label.rsplit(" seed ", 1)[0]: s for s in spp.plan(ctx)}
+    for m in spp.NEW_METHODS:
+        assert runs[m].cfg["model"] == f"{m}_wrn"
+        assert runs[m].cfg["depth"] == (size.spp_lsuv_depth if m == "lsuv" else size.spp_depth)
+    assert size.spp_lsuv_depth < size.spp_depth == 1000
+    # lsuv_init's quadratic cost is in the estimate: its 100 layers cost more than another method's 1,000
+    assert runs["lsuv"].cost > runs["wn"].cost
+    curve = {s.label.split(" depth ")[0] for s in depth.plan(ctx)}
+    assert {"curve balduzzi", "curve szegedy", "curve hanin", "curve arpit"} <= curve
+    assert not {"curve wn", "curve cwn", "curve selu", "curve lsuv"} & curve
+
+
+def test_spp_run_of_lsuv_initializes_it_on_data():
+    """The study's signal run of lsuv_wrn calls lsuv_init: each block's E[x^2] then follows
+    LSUV's prediction (unit-variance conv outputs: +1 per block); the He-initialized model
+    (lsuv_init not run: the same as `none`) is off by 2-3x in the last blocks."""
+    from normfree.study.runner import RunSpec, execute
+    cfg = {"model": "lsuv_wrn", "options": {}, "depth": 16, "width": 1, "shape": [8, 1, 16, 16],
+           "num_classes": 10, "seed": 0}
+    rec = execute(RunSpec("spp", "lsuv seed 0", cfg, task="signal"), None)["models"]["lsuv_wrn"]
+    ratio = spp.scale_ratios(rec)
+    assert len(ratio) == 6 and all(0.8 < r < 1.25 for r in ratio), ratio
+    he = execute(RunSpec("spp", "none seed 0", {**cfg, "model": "none_wrn"}, task="signal"), None)
+    second = [b["var"] + b["mean_sq"] for b in he["models"]["none_wrn"]["blocks"]]
+    assert max(s / p for s, p in zip(second, rec["predicted_second"])) > 2
+    assert rec["input_mean_sq"] >= 0
 
 
 def test_default_preset_tests_the_paper_depth():
@@ -407,6 +439,46 @@ def test_rule_he_drift(he, verdict):
     assert spp.rule_he_drift(_blocks([1.0], mean_sq=[he]), _blocks([1.0], mean_sq=[0.01]))[0] == verdict
 
 
+def _scaled(ratio, n=20):
+    """A method's SPP record whose E[x^2] is ratio(l) x its prediction in block l."""
+    pred = [1 + 0.1 * k for k in range(1, n + 1)]
+    var = [p * ratio(k) for k, p in enumerate(pred, 1)]
+    return {"blocks": _blocks([v * 0.8 for v in var], mean_sq=[v * 0.2 for v in var]), "predicted_second": pred}
+
+
+@pytest.mark.parametrize("ratio, verdict", [
+    (lambda l: 1.0, HOLDS),
+    (lambda l: 0.5 if l == 7 else 1.0, HOLDS),           # one block off by 2x: within the band
+    (lambda l: 0.5 ** l, FAILS),                         # halves per block: vanishes (Balduzzi's marginal case)
+    (lambda l: 2.0 ** l, FAILS),                         # doubles per block: explodes
+    (lambda l: float("inf") if l > 15 else 1.0, FAILS),  # overflowed
+    (lambda l: 0.1 if l == 20 else 1.0, UNSURE),         # one block 10x low: between the bands
+    (lambda l: 8.0 if l == 3 else 1.0, UNSURE),
+])
+def test_rule_scale_is_judged_on_the_worst_block(ratio, verdict):
+    v, m = spp.rule_scale("hanin", _scaled(ratio))
+    assert v == verdict, m
+    assert "None" not in m
+
+
+def test_rule_scale_without_a_prediction_is_inconclusive():
+    assert spp.rule_scale("arpit", {"blocks": _blocks([1.0] * 3), "predicted_second": []})[0] == UNSURE
+
+
+@pytest.mark.parametrize("wn, cwn, verdict", [
+    (6.0, 0.01, HOLDS), (0.5, 0.4, FAILS), (0.015, 0.01, FAILS), (0.05, 0.01, UNSURE), (0.5, 0.1, UNSURE)])
+def test_rule_cwn_drift(wn, cwn, verdict):
+    # wn overflows after 10 blocks: judged on the finite ones
+    wn_blocks = _blocks([2.0 ** k for k in range(10)] + [float("inf"), None],
+                        mean_sq=[wn * 2.0 ** k for k in range(10)] + [float("inf"), None])
+    v, m = spp.rule_cwn_drift(wn_blocks, _blocks([1.0] * 12, mean_sq=[cwn] * 12))
+    assert v == verdict, m
+
+
+def test_rule_cwn_drift_with_nothing_finite_is_inconclusive():
+    assert spp.rule_cwn_drift(_blocks([float("inf")]), _blocks([1.0]))[0] == UNSURE
+
+
 def test_spp_claims_combine_seeds():
     def seed(bn_power):
         blocks = lambda var, **c: {"blocks": _blocks(list(var), **c), "input_var": 1.0,
@@ -423,6 +495,17 @@ def test_spp_claims_combine_seeds():
     doubling = next(c for c in claims if "doubles" in c.claim)
     assert doubling.verdict == HOLDS and doubling.agreement == "holds in 3 of 3 seeds"
     assert len(doubling.per_seed) == 3 and by
+    assert not any("Hanin" in c.claim or "CWN" in c.claim for c in claims)   # not run: not judged
+    with_new = {k: {**v, "hanin": _scaled(lambda l: 1.0), "balduzzi": _scaled(lambda l: 0.5 ** l),
+                    "arpit": _scaled(lambda l: 1.0),
+                    "wn": {"blocks": _blocks([1.0] * 20, mean_sq=[1.0] * 20)},
+                    "cwn": {"blocks": _blocks([1.0] * 20, mean_sq=[0.001] * 20)}}
+                for k, v in {0: seed(-0.5), 1: seed(-0.5)}.items()}
+    new = {c.source: c for c in spp.judge(with_new, 20)[7:]}
+    assert new["Hanin & Rolnick 2018"].verdict == HOLDS and new["Arpit et al. 2019"].verdict == HOLDS
+    assert new["Balduzzi et al. 2017"].verdict == FAILS
+    assert new["Balduzzi et al. 2017"].agreement == "does not hold in 2 of 2 seeds"
+    assert new["Huang et al. 2017; Brock et al. 2021"].verdict == HOLDS
 
 
 def _run(loss=0.3, acc=0.9, status="ok", n=200, seed=0, correct=None):

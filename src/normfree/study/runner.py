@@ -75,7 +75,10 @@ class RunSpec:
         c = self.cfg
         if self.task == "signal":
             n, _, h, w = c["shape"]
-            return float(n * h * w / 64 * (self.blocks + 2)) * 0.4
+            cost = float(n * h * w / 64 * (self.blocks + 2)) * 0.4
+            if str(c["model"]).startswith("lsuv"):  # lsuv_init: a forward pass up to each layer, several times
+                cost += float(n * h * w / 64 * (self.blocks + 2) ** 2) * 3.3
+            return cost
         steps = c.get("steps")
         if not steps:
             steps = c["epochs"] * c.get("_train_examples", 1000) / c["batch_size"]
@@ -252,9 +255,15 @@ def _execute_signal(spec: RunSpec) -> Dict[str, Any]:
     torch.manual_seed(c["seed"])
     model = create_model(c["model"], depth=c["depth"], width=c["width"], in_chans=c["shape"][1],
                          num_classes=c["num_classes"], **c.get("options", {}))
+    if getattr(getattr(model, "scheme", None), "data_init", None) == "lsuv":
+        from ..lsuv import lsuv_init  # data-dependent: initialized on another draw of the same noise (as normfree spp)
+        lsuv_init(model, torch.randn(tuple(c["shape"]), generator=torch.Generator().manual_seed(c["seed"] + 1)))
     stats = measure_signal(model, tuple(c["shape"]), seed=c["seed"])
+    second = stats.input_var + stats.input_mean_sq
     return {"models": {c["model"]: {"blocks": stats.to_dicts(), "input_var": stats.input_var,
-                                    "predicted": predict_variance(model, v0=stats.input_var)}}}
+                                    "input_mean_sq": stats.input_mean_sq,
+                                    "predicted": predict_variance(model, v0=stats.input_var),
+                                    "predicted_second": predict_variance(model, v0=second)}}}
 
 
 def execute(spec: RunSpec, data_dir: Optional[str], threads: int = 1) -> Dict[str, Any]:
