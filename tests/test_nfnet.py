@@ -340,7 +340,8 @@ def test_squeeze_excite_initialization_gate_and_folded_scale():
         assert fc.weight.abs().max() <= 2 * s and not fc.bias.any()
         assert float(fc.weight.detach().std()) == pytest.approx(0.8796 * s, rel=0.02)  # std of the truncated normal
     x = torch.randn(8, 512, 4, 4)
-    g = m.gate(x)
+    with torch.no_grad():
+        g = m.gate(x)
     assert g.shape == (8, 512, 1, 1) and 0 < float(g.min()) and float(g.max()) < 2
     assert float(g.mean()) == pytest.approx(1.0, abs=0.05)  # 2 x sigmoid(~0): the x2 keeps the variance
     t = torch.tensor(0.7, requires_grad=True)
