@@ -400,6 +400,7 @@ def test_recipes_give_the_published_hyperparameters_under_explicit_options():
     assert recipe("nfnet", lr=0.05, epochs=2).lr == 0.05  # explicit values win
     reg = recipe("nf_regnet", model="nf_regnet_b3", batch_size=64)
     assert reg.lr == 0.4 and reg.weight_decay == 8e-5 and reg.effective_agc() is None  # not scaled; B3's decay
+    assert recipe("nf_regnet", model="nf_regnet_b7").weight_decay == 5e-5  # no official value for B6-B8
     with pytest.raises(ValueError, match="unknown recipe 'nfent'.*did you mean 'nfnet'"):
         recipe("nfent")
     import argparse

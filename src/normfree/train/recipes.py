@@ -16,8 +16,9 @@ scaled with the batch size in use.
   GELU, dropout 0.2, stochastic depth 0.25).
 * ``nf_regnet`` (``nfnets/experiment_nf_regnets.py``): SGD, Nesterov 0.9, lr 0.4
   (not scaled with the batch), 5 warmup epochs then cosine, weight decay 5e-5
-  (B0; the variant's value with ``model=``), label smoothing 0.1, no clipping,
-  360 epochs at batch 1024.
+  (B0; the variant's value with ``model=``: 5e-5 .. 1e-4 for B0 .. B5; the official
+  configuration has none for B6 .. B8 and fails there, normfree keeps 5e-5), label
+  smoothing 0.1, no clipping, 360 epochs at batch 1024.
 
 Not reproduced by normfree's trainer (say so when comparing with the paper):
 the exponential moving average of the weights (decay 0.99999), CutMix, MixUp and
