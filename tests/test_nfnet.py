@@ -372,7 +372,7 @@ def test_fold_model_and_export_of_nfnet_and_nf_regnet():
             torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
         if name == "nfnet_f0":  # the branch scalars sit in the gate of the squeeze-excite ending the branch
             b = folded.blocks[1]
-            assert b.se.gate_scale == pytest.approx(2 * 0.2 * float(model.blocks[1].gain.gain))
+            assert b.se.gate_scale == pytest.approx(2 * 0.2 * float(model.blocks[1].gain.gain.detach()))
 
 
 # --------------------------------------------------------------------------
