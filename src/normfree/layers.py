@@ -34,6 +34,19 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
 }
 
+#: in-place forms of the activations whose backward reads only their output
+#: (ReLU: threshold_backward(grad, y); tanh: 1 - y^2; sigmoid: y (1 - y); ELU: from
+#: y where y <= 0), so that overwriting the input is exact under autograd. GELU
+#: and SiLU need their input for the backward: they have no entry and always
+#: run out of place.
+INPLACE_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
+    "sigmoid": torch.sigmoid_,
+    "elu": F.elu_,
+    "identity": lambda x: x,
+}
+
 #: Monte-Carlo gammas published with the NF-ResNet authors' code (Brock et al.
 #: 2021): gamma * g(z), z ~ N(0, 1), has unit variance. Kept for reference and
 #: tests; the models use :func:`activation_gamma`, which integrates exactly.
@@ -473,14 +486,21 @@ class ScalarBias(nn.Module):
 
 
 class Activation(nn.Module):
-    """A named activation as a module (``relu``, ``gelu``, ...)."""
+    """A named activation as a module (``relu``, ``gelu``, ...).
+
+    ``forward(x, inplace=True)`` overwrites ``x`` where the activation has an
+    exact in-place form (:data:`INPLACE_ACTIVATIONS`) and computes a new tensor
+    otherwise. Only the caller knows whether nothing else still reads ``x``
+    (the residual block decides: see ``ResidualBlock.inplace_acts``)."""
 
     def __init__(self, name: str = "relu"):
         super().__init__()
         self.name = name
         self.fn = get_activation(name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if inplace and self.name in INPLACE_ACTIVATIONS:
+            return INPLACE_ACTIVATIONS[self.name](x)
         return self.fn(x)
 
     def extra_repr(self) -> str:
