@@ -18,7 +18,7 @@ def load_bench():
 def test_bench_methods_quick_prints_table_ratios_ws_share_and_goal_lines(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--archs", "wrn", "--methods", "bn,none,fixup,nf", "--threads", "1",
+    assert bench.main(["--quick", "--archs", "wrn16_4", "--methods", "bn,none,fixup,nf", "--threads", "1",
                        "--system-malloc", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -64,7 +64,7 @@ def test_runner_flags_non_finite_models():
 def test_bench_methods_batch_list_gives_one_table_per_batch_and_a_summary(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--archs", "wrn", "--methods", "bn,none,nf,nf:conv_bias=False", "--threads", "1",
+    assert bench.main(["--quick", "--archs", "wrn16_4", "--methods", "bn,none,nf,nf:conv_bias=False", "--threads", "1",
                        "--system-malloc", "--batch", "2,4", "--no-peak-memory", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -73,7 +73,7 @@ def test_bench_methods_batch_list_gives_one_table_per_batch_and_a_summary(tmp_pa
     assert "ratios against the batch size" in text
     summary = text.split("ratios against the batch size")[1]
     assert "nf x bn" in summary and "nf x none" in summary and "bn x none" in summary
-    assert sum(1 for line in summary.splitlines() if line.startswith("| wrn")) == 2
+    assert sum(1 for line in summary.splitlines() if line.startswith("| wrn16_4")) == 2
     rows = {r["method"]: r for r in result["results"][0]["rows"]}
     assert rows["nf:conv_bias=False"]["train_img_s"] > 0 and "nf:conv_bias=False x none" in summary
     assert bench.options_of("nf:conv_bias=False:alpha=0.5") == {"conv_bias": False, "alpha": 0.5}
