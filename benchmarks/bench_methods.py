@@ -1,6 +1,6 @@
 """Training and inference cost of every method, side by side, measured in one run.
 
-    .venv/bin/python benchmarks/bench_methods.py          # `make bench`: WRN-16-4 @32x32 and ResNet-50 @128x128
+    .venv/bin/python benchmarks/bench_methods.py          # `make bench`: WRN-16-1, WRN-16-4 @32x32, ResNet-50 @128x128
     .venv/bin/python benchmarks/bench_methods.py --quick  # smoke run (tiny sizes, a few seconds)
     .venv/bin/python benchmarks/bench_methods.py --archs resnet50 --methods bn,none,nf --batch 8,16,32,64
     .venv/bin/python benchmarks/bench_methods.py --methods bn,none,nf --device cuda --json out.json
@@ -50,8 +50,14 @@ Allocator: like the ``normfree`` command, the script first makes glibc keep
 freed memory for reuse (:mod:`normfree.allocator`); with the default settings
 large activation blocks are returned to the kernel after every step and page
 faults took ~30% of a ResNet-50 batch-64 step on the development VM and made
-it noisy. ``--system-malloc`` measures with the default settings; every
-method runs in the same process, so all get the same allocator either way.
+it noisy. Every method runs in the same process, so all get the same
+allocator either way. By default (``--allocators retained,system``) the
+training steps of each configuration are then timed again in a fresh process
+with the C library's defaults (``mallopt`` changes a whole process and cannot
+be undone exactly), printed as a second table (img/s both ways, x none within
+each process) with its own goal lines: what a user gets in a script that does
+not call :func:`normfree.allocator.retain_freed_memory`. ``--system-malloc``
+(= ``--allocators system``) runs everything with the defaults only.
 """
 from __future__ import annotations
 

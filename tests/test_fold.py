@@ -2,6 +2,7 @@
 folding, the no-grad weight cache and fold_model / torch.export."""
 import copy
 import io
+import os
 import pickle
 
 import pytest
@@ -467,6 +468,27 @@ def test_switch_benchmark_runs_every_switch_both_ways(capsys):
                                      ["cache_weights", "skipinit", "eval"]]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
     assert "saved for backward" in " ".join(rows[0])
+
+
+def test_switch_benchmark_times_inplace_activations_with_step_peaks(capsys):
+    """bench_switches.py --only inplace_acts --methods nf: its row, with saved bytes and
+    the step's peak memory, switch on and off (fresh processes)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_switches.py"
+    spec = importlib.util.spec_from_file_location("bench_switches", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--arch", "quick", "--reps", "1", "--memory", "--only", "inplace_acts",
+                           "--methods", "nf"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split()[:3] for line in lines] == [["inplace_acts", "nf", "train"]]
+    if os.path.exists("/proc/self/clear_refs"):
+        assert all("step peak" in line for line in lines)
 
 
 ALL_METHODS = sorted(normfree.SCHEMES)
