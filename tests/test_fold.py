@@ -502,8 +502,7 @@ class _CountInplaceActivations(torch.utils._python_dispatch.TorchDispatchMode):
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.relu_.default, torch.ops.aten.tanh_.default, torch.ops.aten.sigmoid_.default,
-                    torch.ops.aten.elu_.default):
+        if func in (torch.ops.aten.relu_.default, torch.ops.aten.tanh_.default, torch.ops.aten.sigmoid_.default):
             self.calls += 1
         return func(*args, **(kwargs or {}))
 
@@ -565,3 +564,23 @@ def test_inplace_activations_never_overwrite_a_block_input(name):
         h.remove()
     assert seen and all(torch.equal(t, copy_) for t, copy_ in seen)
     assert torch.equal(x.detach(), x0)
+
+
+@pytest.mark.parametrize("act", sorted(normfree.ACTIVATIONS))
+def test_activation_inplace_form_is_exact_or_not_taken(act):
+    """Activation(name)(t, inplace=True): overwrites t only for the activations whose
+    backward reads their output (then same bits and same input gradient as out of
+    place); GELU, SiLU and ELU (whose in-place backward rounds differently) leave t as it was."""
+    from normfree.layers import INPLACE_ACTIVATIONS, Activation
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 5, dtype=torch.float64)
+    ref = Activation(act)(x * 1.0)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    t = x * 1.0  # a tensor of our own, as a conv output in the block
+    before = t.detach().clone()
+    out = Activation(act)(t, inplace=True)
+    (gx,) = torch.autograd.grad(out, x, g)
+    assert torch.equal(out, ref) and torch.equal(gx, gx_ref)
+    overwritten = act in INPLACE_ACTIVATIONS and act != "identity"
+    assert (out.data_ptr() == t.data_ptr()) == (overwritten or act == "identity")
+    assert torch.equal(t.detach(), ref.detach() if overwritten else before)

@@ -34,16 +34,17 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
 }
 
-#: in-place forms of the activations whose backward reads only their output
-#: (ReLU: threshold_backward(grad, y); tanh: 1 - y^2; sigmoid: y (1 - y); ELU: from
-#: y where y <= 0), so that overwriting the input is exact under autograd. GELU
-#: and SiLU need their input for the backward: they have no entry and always
-#: run out of place.
+#: in-place forms of the activations whose backward reads only their output,
+#: in place and out of place alike (ReLU: threshold_backward(grad, y); tanh:
+#: 1 - y^2; sigmoid: y (1 - y)), so that overwriting the input gives the same
+#: bits under autograd. GELU and SiLU need their input for the backward; ELU's
+#: in-place backward works from y (y + alpha) where the out-of-place one uses
+#: alpha exp(x), equal only to rounding: they have no entry and always run out
+#: of place.
 INPLACE_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu_,
     "tanh": torch.tanh_,
     "sigmoid": torch.sigmoid_,
-    "elu": F.elu_,
     "identity": lambda x: x,
 }
 
