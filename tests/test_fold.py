@@ -586,3 +586,43 @@ def test_activation_inplace_form_is_exact_or_not_taken(act):
     overwritten = act in INPLACE_ACTIVATIONS and act != "identity"
     assert (out.data_ptr() == t.data_ptr()) == (overwritten or act == "identity")
     assert torch.equal(t.detach(), ref.detach() if overwritten else before)
+
+
+# --------------------------------------------------------------------------
+# issue 17's layouts: a skip scale with a branch constant (balduzzi), b^l
+# (hanin), beta on a BN branch (szegedy), weight-normalized convs (wn, cwn,
+# arpit), SELU, LSUV's plain block
+# --------------------------------------------------------------------------
+NEW_BN_FREE = ["balduzzi", "hanin", "arpit", "wn", "cwn", "selu", "lsuv"]
+NEW_CASES = [f"{n}_wrn" for n in NEW_BN_FREE] + ["szegedy_wrn", "balduzzi_resnet50", "arpit_resnet50"]
+
+
+@pytest.mark.parametrize("name", NEW_CASES)
+def test_new_layouts_reference_path_is_the_formula(name):
+    test_reference_path_is_the_formula(name)
+
+
+@pytest.mark.parametrize("name", NEW_CASES)
+def test_new_layouts_folded_scalars_give_same_outputs_and_gradients(name):
+    test_folded_scalars_give_same_outputs_and_gradients(name)
+
+
+@pytest.mark.parametrize("name", NEW_BN_FREE)
+def test_new_layouts_fold_to_plain_convs(name):
+    test_fold_model_is_plain_convs_with_same_outputs_and_input_grads(name)
+
+
+@pytest.mark.parametrize("name", ["wn_wrn", "cwn_wrn"])
+def test_weight_cache_gives_the_same_bits_for_weight_normalized_convs(name):
+    test_weight_cache_switch_gives_the_same_bits(name)
+
+
+def test_torch_export_of_a_weight_normalized_model_and_its_folded_copy():
+    model = perturbed("cwn_wrn").eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    for m in (model, fold_model(model)):
+        exported = torch.export.export(m, (x,))
+        with torch.no_grad():
+            torch.testing.assert_close(exported.module()(x), ref, rtol=1e-5, atol=1e-6)

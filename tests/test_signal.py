@@ -515,3 +515,16 @@ def test_nf_resnet50_matches_the_official_code_at_initialization():
     assert stats.column("res_var") == pytest.approx([o["res_avg_var"] for o in official], rel=0.1)
     assert stats.column("mean_sq") == pytest.approx([o["avg_sq_mean"] for o in official], abs=0.01)
     assert stats.input_var == pytest.approx(ref["mean_over_seeds"]["stem"]["avg_var"], rel=0.1)
+
+
+def test_format_table_keeps_long_labels_apart():
+    """Two labels that share their first 18 characters (a model and its
+    conversion) stay distinct in the text table, and the columns line up."""
+    from normfree.signal import format_table
+
+    torch.manual_seed(0)
+    stats = normfree.measure_signal(normfree.create_model("skipinit_wrn", depth=10, width=1), (4, 3, 8, 8))
+    a, b = "user_models:tv_small", "user_models:tv_small+skipinit"
+    lines = format_table({a: stats, b: stats}).splitlines()
+    assert {ln.split()[0] for ln in lines[1:]} == {a, b}
+    assert len({len(ln) for ln in lines}) == 1

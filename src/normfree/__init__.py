@@ -7,7 +7,8 @@ from .converted import BranchGain, ConvertedBlock, SkipGain
 from .fold import export_model, fold_model
 from .data import DATASETS, Batches, Dataset, load_dataset
 from .layers import (ACTIVATIONS, PUBLISHED_GAMMAS, RELU_GAMMA, Conv2d, ScalarBias, ScalarGain,
-                     ScaledStdConv2d, activation_gamma, get_activation)
+                     ScaledStdConv2d, WeightNormConv2d, activation_gamma, get_activation)
+from .lsuv import lsuv_init
 from .models import ARCHS, Arch, ResNet, create_model, list_models, make_arch
 from .schemes import SCHEMES, Scheme, list_methods, make_scheme
 from .signal import (BlockStats, GradStats, SignalStats, effective_depth, find_blocks, measure_gradients,

@@ -80,16 +80,27 @@ def adaptive_clip_grad_(parameters: ParamsLike, clipping: float = 0.01, eps: flo
     return clipped if clipped is not None else torch.zeros((), dtype=torch.int64)
 
 
+def classifier_exclude(head: Optional[nn.Module]) -> List[torch.Tensor]:
+    """What AGC leaves alone of a classifier ``head``: its weight only, as the
+    NFNet authors' ``experiment_nfnets.py`` does (the final linear layer's
+    weights go to a group with ``clipping=None``; its bias is clipped with the
+    other gains and biases). A head without a ``weight``: all its parameters."""
+    if head is None:
+        return []
+    weight = getattr(head, "weight", None)
+    return [weight] if isinstance(weight, torch.Tensor) else list(head.parameters())
+
+
 def default_exclude(model: Optional[nn.Module]) -> List[torch.Tensor]:
-    """Parameters AGC leaves alone by default: the classifier ``model.fc`` of a
-    normfree :class:`~normfree.models.ResNet`; nothing for other models."""
+    """Parameters AGC leaves alone by default: the weight of ``model``'s final
+    classifier as :func:`normfree.factory.find_classifier` finds it
+    (``get_classifier()``, else ``fc`` / ``head`` / ``classifier``), see
+    :func:`classifier_exclude`; nothing when none is found."""
     if model is None:
         return []
-    from .models import ResNet  # local import: AGC itself works on any nn.Module
+    from .factory import find_classifier  # local import: AGC itself works on any nn.Module
 
-    if isinstance(model, ResNet):
-        return list(model.fc.parameters())
-    return []
+    return classifier_exclude(find_classifier(model)[1])
 
 
 def _resolve_exclude(model: Optional[nn.Module], exclude) -> List[torch.Tensor]:
@@ -132,9 +143,10 @@ class AGC(Optimizer):
 
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer``).
-        model: lets the default ``exclude`` find a normfree ResNet's classifier
-            (``model.fc``; REFERENCE section 5: the classifier is not clipped)
-            and lets ``exclude`` name modules. Other models: nothing is excluded
+        model: lets the default ``exclude`` find the model's classifier
+            (``get_classifier()``, else ``fc`` / ``head`` / ``classifier``) and
+            leave its weight unclipped (the NFNet authors' rule; its bias is
+            clipped), and lets ``exclude`` name modules. A model without one of these: nothing is excluded
             unless asked.
         clipping: lambda (0.01); smaller for larger batches.
         eps: floor on ||W_i|| (1e-3), so zero-initialized weights can move.

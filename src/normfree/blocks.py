@@ -11,8 +11,9 @@ normalization, initialization and scaling come from a :class:`Scheme`.
   al. 2016b, ResNet-V2).
 * ``skip`` is the identity, or at a transition a 1x1 conv of the
   pre-activated input (or Fixup's average-pool + zero-channel padding).
-* ``s_branch`` = NF alpha x RescaleNet b_l x learnable gain (SkipInit, NF,
-  Fixup multiplier, RescaleNet); ``s_skip`` = RescaleNet a_l (else 1).
+* ``s_branch`` = NF alpha x RescaleNet b_l x Balduzzi alpha x Szegedy beta x
+  Hanin b^l x learnable gain (SkipInit, NF, Fixup multiplier, RescaleNet);
+  ``s_skip`` = RescaleNet a_l x Balduzzi alpha (else 1).
 * NF-ResNets (Brock et al. 2021): ``in_scale = gamma / beta`` with
   ``beta = sqrt(expected Var(x))``, and every mid activation is multiplied by
   gamma (``mid_scale``).
@@ -33,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (Activation, Conv2d, ScalarBias, ScalarGain, ScaledStdConv2d, activation_gamma,
-                     activation_he_gain, drop_path)
+from .layers import (Activation, Conv2d, ScalarBias, ScalarGain, ScaledStdConv2d, WeightNormConv2d,
+                     activation_gamma, activation_he_gain, drop_path)
 from .schemes import Scheme
 
 MAX_GROUPS = 32  # Wu & He (2018)'s default number of groups
@@ -99,14 +100,34 @@ def make_conv(scheme: Scheme, cin: int, cout: int, kernel: int, stride: int = 1,
     ``input_act`` (default: the scheme's activation; ``"identity"`` for a linear input
     such as the stem's). NF's plain convs (``nf_he``) get gain 1: NF's gamma already
     makes the activation unit-variance. Biases start at 0.
+
+    "wn" / "cwn": :class:`WeightNormConv2d`, direction v ~ N(0, 1 / fan_in) and gain
+    g = the He gain above, so that ``||W_hat|| = g`` is what a He-initialized row has
+    in expectation. With ``init="arpit"`` (Arpit et al. 2019; victorcampos7/weightnorm-init
+    src/models/init.py, ``orthogonal_`` then ``proposed_weight_norm_g_init``): v orthogonal
+    and g = sqrt(G^2 cin / cout), G the He gain (the block scales its last conv's g by
+    sqrt(1/L)).
     """
     pad = kernel // 2
     if scheme.conv == "ws":
         conv = ScaledStdConv2d(cin, cout, kernel, stride=stride, padding=pad, bias=scheme.conv_bias)
         nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
         return conv
-    conv = Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=scheme.conv_bias)
     act = "identity" if scheme.nf_alpha is not None else (input_act or scheme.act)
+    if scheme.conv in ("wn", "cwn"):
+        conv = WeightNormConv2d(cin, cout, kernel, stride=stride, padding=pad, bias=scheme.conv_bias,
+                                center=scheme.conv == "cwn")
+        g = activation_he_gain(act)
+        if scheme.init == "arpit":
+            nn.init.orthogonal_(conv.weight)
+            g *= math.sqrt(cin / cout)
+        else:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
+        nn.init.constant_(conv.gain, g)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+        return conv
+    conv = Conv2d(cin, cout, kernel, stride=stride, padding=pad, bias=scheme.conv_bias)
     fan_in = conv.weight[0].numel()
     nn.init.normal_(conv.weight, 0.0, activation_he_gain(act) / math.sqrt(fan_in))
     if conv.bias is not None:
@@ -223,6 +244,13 @@ class ResidualBlock(nn.Module):
             b2 = 1.0 / (index + num_blocks - 1)
             const *= math.sqrt(b2)
             self.skip_scale = math.sqrt(1.0 - b2)
+        if scheme.skip_alpha is not None:  # Balduzzi: y = alpha skip + f(alpha x) = alpha (skip + f) for ReLU
+            const *= scheme.skip_alpha
+            self.skip_scale = scheme.skip_alpha * (1.0 if self.skip_scale is None else self.skip_scale)
+        if scheme.branch_beta is not None:  # Szegedy: y = x + beta f(x)
+            const *= scheme.branch_beta
+        if scheme.beta_decay is not None:  # Hanin & Rolnick: beta_l = b^l, l = 1..L
+            const *= scheme.beta_decay ** index
         self.branch_const: Optional[float] = None if const == 1.0 else const
         g0 = 1.0 if scheme.fixup else scheme.initial_gain(num_blocks)
         self.gain = ScalarGain(g0) if g0 is not None else None
@@ -235,6 +263,9 @@ class ResidualBlock(nn.Module):
                 for conv in self.convs[:-1]:
                     conv.weight.mul_(factor)
                 nn.init.zeros_(self.convs[-1].weight)
+        if scheme.init == "arpit":  # the last WN layer of each branch: g^2 x 1/L (weightnorm-init's 1/N)
+            with torch.no_grad():
+                self.convs[-1].gain.mul_(math.sqrt(1.0 / num_blocks))
 
     @property
     def expected_var_out(self) -> Optional[float]:

@@ -256,55 +256,81 @@ def add_spp(sub) -> None:
 
 
 def add_study(sub) -> None:
-    from .study import EXPERIMENTS
+    from .study import EXPERIMENTS, PRESET_TEXT
 
     p = sub.add_parser(
         "study", help="reproduce the papers' claims and write a report (the main job)",
-        description="Run the experiments behind the papers' claims (signal propagation, trainability against "
-                    "depth, batch size x learning rate, regularized SkipInit, shallow paths and lesions, AGC) and "
-                    "write OUT/report.md and a self-contained OUT/report.html with figures, tables and a claims "
-                    "table. Finished runs are kept in OUT/runs/, so an interrupted study restarted with the same "
-                    "--out reuses them. Default: 3-6 minutes on 2 idle CPU cores on the built-in digits data.")
+        description="Run the experiments behind the papers' claims (signal propagation at 1,000 layers, "
+                    "trainability against depth, batch size x learning rate, accuracy at an equal budget, shallow "
+                    "paths and lesions, AGC) and write OUT/report.md, a self-contained OUT/report.html and "
+                    "OUT/claims.json. Every verdict (holds / does not hold / inconclusive) is computed by the rule "
+                    "printed beside it, over several seeds. Finished runs are kept in OUT/runs/ and checked before "
+                    "reuse, so an interrupted study restarted with the same --out continues. Ctrl-C or SIGTERM stops "
+                    "every worker process.",
+        epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESET_TEXT.items()) +
+               ". `normfree study --sizes` lists every size knob for --set.")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_const", dest="preset", const="quick",
-                      help="the same pipeline at tiny sizes (a minute or two; used by the tests)")
+                      help="the same pipeline at tiny sizes: a smoke test (used by the tests); no evidence")
+    size.add_argument("--cifar10", action="store_const", dest="preset", const="cifar10",
+                      help="the CIFAR-10 preset (also chosen by --data cifar10): about 90 min on 2 CPU cores; "
+                           "needs --data-dir DIR holding cifar-10-batches-py, or --download")
     size.add_argument("--full", action="store_const", dest="preset", const="full",
                       help="the papers' scale: CIFAR-10 (needs --data-dir or --download), WRN up to depth 1000; "
                            "meant for a GPU")
     p.set_defaults(preset="default")
     p.add_argument("--out", default="runs/study", help="output directory (default: runs/study)")
-    p.add_argument("--data", default=None, help="data set (default: the preset's: digits, or cifar10 with --full)")
-    p.add_argument("--data-dir", default=None, help="directory holding the data set files")
+    p.add_argument("--data", default=None,
+                   help="data set (default: the preset's: digits; cifar10 for --cifar10 and --full)")
+    p.add_argument("--data-dir", default=None, help="directory holding the data set files (default ~/.cache/normfree)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch the data set's official files into --data-dir first if they are missing (md5-checked)")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS),
                    help=f"comma-separated subset of {','.join(EXPERIMENTS)} (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed (default 0); an experiment with n seeds uses seed .. seed+n-1")
     p.add_argument("--jobs", type=int, default=None,
-                   help="parallel worker processes for training runs (default: CPU cores, at most 4; 1 on a GPU)")
+                   help="parallel worker processes (default: CPU cores, at most 4; 1 on a GPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--max-train-examples", type=int, default=None, help="train on a seeded subset of this size")
+    p.add_argument("--max-train-examples", type=int, default=None,
+                   help="train on a seeded subset of this size (same as --set max_train_examples=N)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a size of the preset (repeatable), e.g. --set depths=10,34,100 "
-                        "--set depth_steps=300; the keys are the fields of normfree.study.StudySize")
-    p.add_argument("--plan", action="store_true", help="print the runs and their share of the work; run nothing")
+                        "--set depth_steps=300; `--sizes` lists the keys, their allowed values and presets")
+    p.add_argument("--sizes", action="store_true", help="list every size knob (for --set) and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print the runs and their share of the work; run nothing (the data need not be on disk)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args) -> int:
-        from .study import run_study
+        from .study import KNOBS, knob_table, parse_size_overrides, run_study
 
-        from .study import parse_size_overrides
-
+        if args.sizes:
+            print(knob_table(KNOBS))
+            return 0
         extra = parse_size_overrides(args.set)
-        if args.max_train_examples:
-            extra["max_train_examples"] = args.max_train_examples
-        result = run_study(args.preset, args.out, data=args.data, data_dir=args.data_dir,
-                           experiments=[e.strip() for e in args.experiments.split(",") if e.strip()],
-                           seed=args.seed, jobs=args.jobs, threads=args.threads, device=args.device,
-                           progress=not args.no_progress, plan_only=args.plan, **extra)
+        if args.max_train_examples is not None:
+            if "max_train_examples" in extra:
+                raise ValueError("max_train_examples given twice (--max-train-examples and --set)")
+            extra["max_train_examples"] = KNOBS["max_train_examples"].parse("max_train_examples",
+                                                                              str(args.max_train_examples))
+        from .study.runner import WorkerDied
+
+        try:
+            result = run_study(args.preset, args.out, data=args.data, data_dir=args.data_dir,
+                               download=args.download,
+                               experiments=[e.strip() for e in args.experiments.split(",") if e.strip()],
+                               seed=args.seed, jobs=args.jobs, threads=args.threads, device=args.device,
+                               progress=not args.no_progress, plan_only=args.plan, **extra)
+        except WorkerDied as e:
+            print(f"normfree study: error: {e}", file=sys.stderr)
+            return 2
         if not args.plan:
             width = max(len(c["verdict"]) for c in result["claims"]) if result["claims"] else 0
             for c in result["claims"]:
-                print(f"{c['verdict']:{width}s}  {c['claim']}")
+                seeds = f"  [{c['agreement']}]" if c["agreement"] else ""
+                print(f"{c['verdict']:{width}s}  {c['claim']}{seeds}")
         return 0
 
     p.set_defaults(func=run)

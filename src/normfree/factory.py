@@ -392,7 +392,9 @@ def compare_specs(specs: List[Tuple[str, Optional[str]]], *, batch: Optional[int
     at ``nf_gain`` (default 1, as the SPPs of Brock et al. 2021 are drawn; the
     registered init is 0, as for training in DeepMind's nf_resnet.py); their
     label says so: ``"nf_wrn (gain 1)"``. ``nf_gain=None``, or a ``gain_init=``
-    option, builds them as registered.
+    option, builds them as registered. Models whose method is initialized on
+    data (``lsuv``) are first initialized by :func:`normfree.lsuv_init` on
+    another draw of the same noise (seed + 1).
 
     Defaults: batch 256 at 32x32 for normfree's CIFAR-style models, batch 8 at
     128x128 for ImageNet-style ones and every foreign model (stride 32: at 32x32
@@ -429,6 +431,9 @@ def compare_specs(specs: List[Tuple[str, Optional[str]]], *, batch: Optional[int
         small = registered and getattr(getattr(model, "arch", None), "stem", "cifar") != "imagenet"
         side = resolution or (32 if small else 128)
         shape = (batch or (256 if small else 8), in_chans, side, side)
+        if getattr(getattr(model, "scheme", None), "data_init", None) == "lsuv":
+            from .lsuv import lsuv_init  # data-dependent: initialized on another draw of the same noise
+            lsuv_init(model, torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)))
         stats = measure_signal(model, shape, chunk_size=chunk_size, seed=seed)
         stats.input_shape = shape
         stats.nf_gain = gain

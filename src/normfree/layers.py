@@ -1,5 +1,6 @@
 """Small building blocks: convolutions that fold scalars into their weights,
-Scaled Weight Standardization, scalar gains and biases, activation gammas.
+Scaled Weight Standardization, (centered) weight normalization, scalar gains
+and biases, activation gammas.
 
 Every convolution here takes optional ``in_scale`` / ``out_scale`` arguments:
 ``conv(x, in_scale=a, out_scale=b)`` equals ``b * conv(a * x)`` (the bias is
@@ -32,6 +33,7 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "elu": F.elu,
     "sigmoid": torch.sigmoid,
     "identity": lambda x: x,
+    "selu": F.selu,  # Klambauer et al. 2017: lambda 1.0507..., alpha 1.6733... (torch's constants)
 }
 
 #: in-place forms of the activations whose backward reads only their output,
@@ -73,10 +75,10 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"unknown activation {name!r}; allowed: {sorted(ACTIVATIONS)}") from None
 
 
-def _normal_moments(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple:
+def _normal_moments(fn: Callable[[torch.Tensor], torch.Tensor], points: int = 480_001) -> tuple:
     """(E[g(z)], E[g(z)^2]) for z ~ N(0, 1), by trapezoidal integration on a fine
-    grid (accurate to ~1e-9 even for kinks such as ReLU's)."""
-    z = torch.linspace(-12.0, 12.0, 480_001, dtype=torch.float64)
+    grid (accurate to ~1e-9 even for kinks such as ReLU's; ~1e-6 with 20,001 points)."""
+    z = torch.linspace(-12.0, 12.0, points, dtype=torch.float64)
     w = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     with torch.no_grad():
         g = fn(z).to(torch.float64)
@@ -459,6 +461,50 @@ class ScaledStdConv2d(Conv2d):
         if bias is None:
             b = self.bias
         return w, _add_bias(b, add_bias, self.out_channels)
+
+
+class WeightNormConv2d(Conv2d):
+    """Conv2d with Weight Normalization (Salimans & Kingma 2016) or, with
+    ``center=True``, Centered Weight Normalization (Huang et al. 2017):
+
+        W_hat = g * v / ||v||                          (WN)
+        W_hat = g * (v - mean(v)) / ||v - mean(v)||    (CWN)
+
+    per output channel: v = ``weight`` (its direction), mean and norm over the
+    fan-in axes, g = ``gain``, one learnable value per output channel, so that
+    ``||W_hat|| = g`` for every filter; plus an optional bias. The norm is
+    guarded as max(||.||, ``eps``) (openai/weightnorm and torch's weight_norm
+    have no guard; huangleiBuaa/CenteredWN module_pytorch/CWN.py adds 1e-5 to
+    the norm: the same for filters of norm ~1). CWN's filters sum to zero, so
+    an input whose channels share one mean gives outputs with zero mean. CWN
+    is Scaled Weight Standardization (:class:`ScaledStdConv2d`) up to the
+    guard: sqrt(N var(v)) = ||v - mean(v)||; NF-ResNets add gamma on the
+    activations instead of a gain g > 1. The scales a block folds in
+    (``in_scale``, ``out_scale``) apply to W_hat as for :class:`Conv2d`.
+    """
+
+    def __init__(self, *args, center: bool = False, eps: float = 1e-5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.center = center
+        self.eps = eps
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def normalized_weight(self) -> torch.Tensor:
+        """v / ||v|| (WN) or (v - mean v) / ||v - mean v|| (CWN), per output channel, without g."""
+        v = _rows(self.weight)
+        if self.center:
+            v = v - v.mean(dim=1, keepdim=True)
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(self.eps)
+        return _unrows(v / norm, self.weight)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.normalized_weight() * self.gain
+
+    def _cache_tensors(self) -> tuple:
+        return (self.weight, self.bias, self.gain)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", center=True" if self.center else "")
 
 
 # --------------------------------------------------------------------------

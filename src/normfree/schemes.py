@@ -20,6 +20,7 @@ from typing import Optional, Union
 from .layers import ACTIVATIONS
 
 NORMS = ("bn", "gn", "ln", "in")
+CONVS = ("plain", "ws", "wn", "cwn")
 MAX_ALPHA = 10.0  # NF alpha: 0.2 in the paper; above ~1 the branch dominates the skip path
 MAX_GAIN = 100.0  # SkipInit gain_init
 
@@ -32,12 +33,27 @@ class Scheme:
                  :func:`normfree.blocks.group_count`), "ln" (GroupNorm with one group =
                  LayerNorm over C,H,W), "in" (InstanceNorm-style GroupNorm).
     order:       "norm_act" (BN -> ReLU, He et al. 2016b) or "act_norm" (ReLU -> BN).
-    conv:        "plain" (He init for ``act``) or "ws" (Scaled Weight Standardization).
+    conv:        "plain" (He init for ``act``), "ws" (Scaled Weight Standardization),
+                 "wn" (Weight Normalization, Salimans & Kingma 2016) or "cwn" (Centered
+                 Weight Normalization, Huang et al. 2017); WN/CWN gains start at the He gain.
+    init:        "he" (the conv kind's default, above) or "arpit" (Arpit et al. 2019, with
+                 conv="wn": orthogonal directions, g = sqrt(G^2 cin / cout) with G the He
+                 gain of the conv's input, and g x sqrt(1/L) on the last conv of every branch).
+    data_init:   None, or "lsuv": the model is meant to be initialized on data with
+                 :func:`normfree.lsuv_init` (Mishkin & Matas 2016) before use
+                 (``normfree train`` does it on its first training batch,
+                 ``normfree spp`` on noise).
     act:         activation name (see ``normfree.layers.ACTIVATIONS``).
     gain_init:   None (no gain) or the init of one learnable scalar per branch
                  (SkipInit); a number, or "1/sqrt(d)" for 1/sqrt(number of blocks).
     nf_alpha:    None, or NF-ResNet's alpha: x_{i+1} = x_i + alpha g f(x_i / beta_i).
     rescale:     RescaleNet: y = a_l x + b_l g f(x), b_l^2 = 1/(l + L - 1), a_l^2 = 1 - b_l^2.
+    skip_alpha:  None, or alpha of y = alpha x + f(alpha x) (Balduzzi et al. 2017: 1/sqrt(2)),
+                 computed as y = alpha (skip + f(x)) (equal for a ReLU branch: f(alpha x)
+                 = alpha f(x)): s_skip = s_branch = alpha.
+    branch_beta: None, or a constant beta on the branch, y = x + beta f(x) (Szegedy et al.
+                 2016: 0.1 to 0.3).
+    beta_decay:  None, or b of beta_l = b^l on block l = 1..L (Hanin & Rolnick 2018, 0 < b <= 1).
     fixup:       Fixup's three rules (zero-init last layers and classifier, branch
                  scaling L^(-1/(2m-2)), scalar biases and multiplier).
     shortcut:    "conv" (1x1 projection of the pre-activated input), "pool_pad"
@@ -61,6 +77,11 @@ class Scheme:
     gain_init: Optional[Union[float, str]] = None
     nf_alpha: Optional[float] = None
     rescale: bool = False
+    skip_alpha: Optional[float] = None
+    branch_beta: Optional[float] = None
+    beta_decay: Optional[float] = None
+    init: str = "he"
+    data_init: Optional[str] = None
     fixup: bool = False
     shortcut: str = "conv"
     conv_bias: bool = False
@@ -118,11 +139,45 @@ SCHEMES = {
         Scheme("rescale", rescale=True, gain_init=1.0, doc=(
             "y = a_l x + b_l g f(x), b_l^2 = 1/(l + L - 1), a_l^2 = 1 - b_l^2, g a learnable scalar "
             "init 1 (Shao et al. 2020); hukkai/rescaling models/rescale.py (Bottleneck)")),
+        # --- residual scalings and initializations (issue 17) ---
+        Scheme("balduzzi", skip_alpha=1.0 / math.sqrt(2.0), doc=(
+            "y = alpha x + f(alpha x) = alpha (x + f(x)) for a ReLU branch, alpha = 1/sqrt(2) on every "
+            "block: Var(y) = (Var(x) + Var(f)) / 2 stays constant for a He-initialized f (Balduzzi et al. "
+            "2017, 'The shattered gradients problem'); no official code")),
+        Scheme("szegedy", norm="bn", order="norm_act", branch_beta=0.2, doc=(
+            "y = x + beta f(x), beta = 0.2 (0.1 to 0.3 in the paper), f a BN -> ReLU branch "
+            "(Szegedy et al. 2016, Inception-ResNet); tensorflow/models research/slim/nets/"
+            "inception_resnet_v2.py (block35/block17/block8: net += scale * up, scale 0.17, 0.10, 0.20)")),
+        Scheme("hanin", beta_decay=0.9, doc=(
+            "y = x + b^l f(x), l = 1..L, b = 0.9, He init: Var(x_L) = Var(x_0) prod_l (1 + b^2l) stays "
+            "bounded at any depth (Hanin & Rolnick 2018); no official code (victorcampos7/weightnorm-init "
+            "src/models/nets.py has it as init_extra_param='hanin', b = 0.9 in a WN g)")),
+        Scheme("arpit", conv="wn", init="arpit", conv_bias=True, doc=(
+            "y = x + f(x), weight-normalized convs w = g v/||v||, v orthogonal, g = sqrt(G^2 cin/cout) "
+            "(G = sqrt(2) after a ReLU), the last conv of each branch g x sqrt(1/L): Var grows by "
+            "(1 + 1/L) per block, by at most e over the network (Arpit et al. 2019); "
+            "victorcampos7/weightnorm-init src/models/init.py, nets.py, residual_blocks.py")),
+        Scheme("lsuv", data_init="lsuv", doc=(
+            "y = x + f(x), no normalization; normfree.lsuv_init(model, batch): orthonormal weights, then "
+            "layer by layer W /= sqrt(Var(layer output)) until |Var - 1| < 0.1 (Mishkin & Matas 2016); "
+            "ducha-aiki/LSUVinit tools/extra/lsuv_init.py")),
+        # --- normalizations other than BN (issue 17) ---
+        Scheme("wn", conv="wn", conv_bias=True, doc=(
+            "y = x + f(x) with weight-normalized convs w = g v/||v||, g init = the He gain (sqrt(2) "
+            "after a ReLU) (Salimans & Kingma 2016); openai/weightnorm (keras_2/weightnorm.py)")),
+        Scheme("cwn", conv="cwn", conv_bias=True, doc=(
+            "y = x + f(x) with centered weight-normalized convs w = g (v - mean v)/||v - mean v||, "
+            "g init = the He gain (sqrt(2) after a ReLU: the official NScale 1.414) (Huang et al. 2017); "
+            "huangleiBuaa/CenteredWN module_pytorch/CWN.py")),
+        Scheme("selu", act="selu", doc=(
+            "y = x + f(x) with SELU activations and LeCun-normal convs W ~ N(0, 1/fan_in) (normfree's He "
+            "rule gives gain 1/sqrt(E[selu(z)^2]) = 1): mean 0 / variance 1 is SELU's fixed point "
+            "(Klambauer et al. 2017); bioinf-jku/SNNs (TF_2_x/CIFAR10-Conv-SELU.py: lecun_normal, selu)")),
     ]
 }
 
 # keyword -> Scheme field, for create_model(..., alpha=0.2) and friends
-_ALIASES = {"alpha": "nf_alpha", "gain": "gain_init", "activation": "act"}
+_ALIASES = {"alpha": "nf_alpha", "gain": "gain_init", "activation": "act", "beta": "branch_beta"}
 
 
 def list_methods():
@@ -177,8 +232,19 @@ def _validate(s: Scheme) -> None:
         raise ValueError(f"unknown norm {s.norm!r}; allowed: None or one of {list(NORMS)}")
     if s.order not in ("norm_act", "act_norm"):
         raise ValueError(f"order must be 'norm_act' or 'act_norm', got {s.order!r}")
-    if s.conv not in ("plain", "ws"):
-        raise ValueError(f"conv must be 'plain' or 'ws', got {s.conv!r}")
+    if s.conv not in CONVS:
+        raise ValueError(f"conv must be one of {list(CONVS)}, got {s.conv!r}")
+    if s.init not in ("he", "arpit"):
+        raise ValueError(f"init must be 'he' or 'arpit', got {s.init!r}")
+    if s.init == "arpit" and s.conv != "wn":
+        raise ValueError(f"init='arpit' is Arpit et al.'s initialization of weight-normalized convs: it needs "
+                         f"conv='wn', got conv={s.conv!r}")
+    if s.data_init not in (None, "lsuv"):
+        raise ValueError(f"data_init must be None or 'lsuv', got {s.data_init!r}")
+    for name, top in (("skip_alpha", MAX_ALPHA), ("branch_beta", MAX_ALPHA), ("beta_decay", 1.0)):
+        v = getattr(s, name)
+        if v is not None and not (_is_number(v) and math.isfinite(v) and 0 < v <= top):
+            raise ValueError(f"{name} must be None or a finite number in (0, {top:g}], got {v!r}")
     if s.shortcut not in ("conv", "pool_pad", "auto"):
         raise ValueError(f"shortcut must be 'conv', 'pool_pad' or 'auto', got {s.shortcut!r}")
     if s.classifier_init not in ("default", "zero", "normal_0.01"):

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .blocks import PoolPadShortcut, ResidualBlock, unfolded
+from .layers import WeightNormConv2d, _normal_moments, activation_he_gain, get_activation
 from .converted import converted_blocks, converted_branch, converted_branch_scale, predict_converted_variance
 
 InputLike = Union[torch.Tensor, Sequence[int]]
@@ -700,6 +701,28 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
       small resolutions.
     * Fixup (Zhang et al. 2019): the last branch conv is zero, r = 0: constant.
     * Fixup's pool+pad shortcut zero-pads channels: v_skip = v_{l-1} cin / cout.
+    * scalings (Balduzzi et al. 2017 a = s = 1/sqrt(2): constant; Szegedy et al.
+      2016 s = beta on a bn branch: v ~ v0 + l beta^2 c; Hanin & Rolnick 2018
+      s = b^l: v_l = v_{l-1} (1 + b^2l), bounded) enter through a and s above.
+    * weight-normalized convs (wn, cwn, arpit; Salimans & Kingma 2016, Huang et
+      al. 2017, Arpit et al. 2019): a conv whose filters have norm g maps an input
+      of variance u to g^2 k u, with k = E[act(z)^2] (z ~ N(0, 1)) for WN, the
+      second moment of the activation before it, and k = Var[act(z)] for CWN, whose
+      zero-sum filters cancel the activation's mean: r = v_{l-1} prod_i g_i^2 k
+      over the branch's convs (g_i^2 the mean of g^2 over filters), v_skip =
+      v_{l-1} g^2 k through a WN shortcut. WN with g = the He gain keeps the second
+      moment (r = v_{l-1}, as He init); CWN with g = sqrt(2) after a ReLU keeps
+      2 x (1 - 1/pi) / 2 = 0.68 of the variance per conv; Arpit et al.'s g^2 =
+      2 cin/cout, and 2/L on the last conv, give v_l = v_{l-1} (cin/cout)(1 + 1/L).
+      For an activation other than ReLU, k is taken at the actual scale: E[act(x)^2]
+      or Var[act(x)] for x ~ N(0, u), u the variance reaching it.
+    * He-initialized branch with another activation than ReLU (selu, gelu, ...):
+      the gain G = 1 / sqrt(E[act(z)^2]) keeps the second moment only at unit
+      scale; each conv maps u to G^2 E[act(x)^2], x ~ N(0, u) (for SELU, G = 1 and
+      (mean 0, variance 1) is a fixed point, Klambauer et al. 2017).
+    * LSUV (Mishkin & Matas 2016), for a model initialized by
+      :func:`normfree.lsuv_init`: every conv's output has variance 1, r = 1, and
+      v_skip = 1 at a transition: v ~ v0 + l within a stage, as under BN.
 
     Means are ignored (He-init nets drift, see ``mean_sq``) and ReLU is assumed.
     """
@@ -729,16 +752,49 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
             c = 1.0 - 1.0 / math.pi if scheme.order == "norm_act" else 2.0
             v_skip = c if b.shortcut_uses_preact else v
             r = c
+        elif scheme is not None and scheme.data_init == "lsuv":  # after lsuv_init: unit-variance conv outputs
+            v_skip = 1.0 if b.shortcut_uses_preact else v
+            r = 1.0
+        elif all(isinstance(c, WeightNormConv2d) for c in b.convs):  # (C)WN: g^2 x what the activation passes
+            act = scheme.act if scheme is not None else "relu"
+            r = v
+            for c in b.convs:
+                r = _wn_gain2(c) * _act_moment(act, r, c.center)
+            v_skip = _wn_gain2(b.shortcut) * _act_moment(act, v, b.shortcut.center) if b.shortcut_uses_preact else v
         else:
             v_skip = v
             r = v
+            act = scheme.act if scheme is not None else "relu"
             if scheme is not None and scheme.fixup:
                 r = 0.0
+            elif act != "relu":  # He's gain keeps E[x^2] at unit scale only: u -> G^2 E[act(sqrt(u) z)^2]
+                g2 = activation_he_gain(act) ** 2
+                for _ in b.convs:
+                    r = g2 * _act_moment(act, r, False)
+                if b.shortcut_uses_preact:
+                    v_skip = g2 * _act_moment(act, v, False)
         if isinstance(b.shortcut, PoolPadShortcut):
             v_skip = v * b.in_channels / b.out_channels
         v = a2 * v_skip + s2 * r
         out.append(v)
     return out
+
+
+def _wn_gain2(conv: WeightNormConv2d) -> float:
+    """g^2 of a weight-normalized conv: the mean of its squared gains."""
+    return float(conv.gain.detach().double().square().mean())
+
+
+def _act_moment(act: str, u: float, centered: bool) -> float:
+    """E[act(x)^2] (``centered``: Var[act(x)]) for x ~ N(0, u): what a conv with
+    unit-norm filters (zero-sum ones when centered) passes on per unit of g^2."""
+    if act == "relu":  # E[relu(x)^2] = u / 2; E[relu(x)]^2 = u / (2 pi)
+        return u * (1.0 - 1.0 / math.pi) / 2.0 if centered else u / 2.0
+    if u <= 0.0:
+        return 0.0
+    fn = get_activation(act)
+    m1, m2 = _normal_moments(lambda z: fn(z * math.sqrt(u)), points=20_001)
+    return m2 - m1 * m1 if centered else m2
 
 
 def path_length_distribution(n: Union[int, nn.Module], p: Union[float, Sequence[float]] = 0.5) -> np.ndarray:
@@ -853,13 +909,15 @@ def compare_models(names: Sequence[str], *, batch: Optional[int] = None, resolut
 
 
 def format_table(results: Dict[str, Sequence[BlockStats]], predictions=None) -> str:
-    """A short text table: one line per (model, block)."""
-    lines = [f"{'model':18s} {'block':>5s} {'stage':>5s} {'mean_sq':>10s} {'var':>10s} {'pred_var':>10s} "
+    """A short text table: one line per (model, block); the model column is as
+    wide as the longest label (labels are never cut)."""
+    w = max([len("model")] + [len(label) for label in results])
+    lines = [f"{'model':{w}s} {'block':>5s} {'stage':>5s} {'mean_sq':>10s} {'var':>10s} {'pred_var':>10s} "
              f"{'res_var':>10s} {'ratio':>7s}"]
-    fmt = lambda v, w=10: f"{v:{w}.4g}" if v is not None else f"{'-':>{w}s}"  # noqa: E731
+    fmt = lambda v, n=10: f"{v:{n}.4g}" if v is not None else f"{'-':>{n}s}"  # noqa: E731
     for label, stats in results.items():
         pred = (predictions or {}).get(label)
         for j, r in enumerate(stats):
-            lines.append(f"{label[:18]:18s} {r.index:5d} {r.stage:5d} {fmt(r.mean_sq)} {fmt(r.var)} "
+            lines.append(f"{label:{w}s} {r.index:5d} {r.stage:5d} {fmt(r.mean_sq)} {fmt(r.var)} "
                          f"{fmt(pred[j] if pred else None)} {fmt(r.res_var)} {fmt(r.ratio, 7)}")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ..agc import classifier_exclude
 from ..atomic import write_text
 from ..factory import find_classifier
 from . import feed
@@ -164,7 +165,7 @@ class Trainer:
             if head is None:
                 self.say(f"note: no classifier found in {type(model).__name__} (no get_classifier(), fc, head or "
                          f"classifier): AGC clips every layer; name it with classifier= (--classifier)")
-            opt = make_optimizer(model, cfg, agc_exclude=list(head.parameters()) if head is not None else [])
+            opt = make_optimizer(model, cfg, agc_exclude=classifier_exclude(head))
         else:
             opt = make_optimizer(model, cfg)
         net = self.dist.wrap(model, self.say)

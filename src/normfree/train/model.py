@@ -82,6 +82,8 @@ def make_model(cfg: TrainConfig, data, given: ModelArg, device: torch.device,
         model.to(memory_format=torch.channels_last)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"the model ({type(model).__name__}) has no parameters to train")
+    if getattr(getattr(model, "scheme", None), "data_init", None) == "lsuv":
+        lsuv_on_data(model, data, cfg.batch_size, cfg.channels_last, device, say)
     if source != "registry":
         outputs = check_model(model, data, num_classes, cfg.channels_last, device)
         if num_classes is None:
@@ -90,6 +92,29 @@ def make_model(cfg: TrainConfig, data, given: ModelArg, device: torch.device,
             say(f"note: the model has {outputs} outputs for {num_classes} classes")
         info["num_classes"] = outputs
     return BuiltModel(model, num_classes, info)
+
+
+def lsuv_on_data(model: nn.Module, data, batch_size: int, channels_last: bool, device: torch.device,
+                 say: Callable[[str], None]) -> None:
+    """A method with ``data_init="lsuv"`` (the ``lsuv`` scheme) is initialized
+    by :func:`normfree.lsuv_init` on the run's first training batch, before the
+    optimizer exists (deterministic under the run's seed; on ``--resume`` the
+    checkpoint's weights replace it). Under DDP, DDP broadcasts rank 0's result."""
+    from ..lsuv import lsuv_init
+
+    if data.probe is None:
+        x, _ = next(iter(data.batches))
+        data.batches.set_epoch(0)
+    else:
+        from .torchdata import first_batch
+
+        x, _ = first_batch(data.batches, samples=batch_size)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    records = lsuv_init(model, x.to(device))
+    off = [r.name for r in records if not r.converged]
+    say(f"LSUV: {len(records)} layers initialized to unit output variance on one training batch of "
+        f"{x.shape[0]} samples" + (f" (not converged: {', '.join(off)})" if off else ""))
 
 
 def check_model(model: nn.Module, data, num_classes: Optional[int], channels_last: bool,

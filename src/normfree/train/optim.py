@@ -78,13 +78,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, agc_exclude: Optional[Lis
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     if cfg.agc is not None:
-        from ..agc import AGC
+        from ..agc import AGC, classifier_exclude
 
         if agc_exclude is None:
             from ..factory import find_classifier
 
             head = find_classifier(model, cfg.classifier)[1]
-            agc_exclude = list(head.parameters()) if head is not None else []
+            agc_exclude = classifier_exclude(head)
         opt = AGC(opt, model=model, clipping=cfg.agc, eps=cfg.agc_eps, exclude=agc_exclude)
     return opt
 
