@@ -40,9 +40,8 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 #: in place and out of place alike (ReLU: threshold_backward(grad, y); tanh:
 #: 1 - y^2; sigmoid: y (1 - y)), so that overwriting the input gives the same
 #: bits under autograd. GELU and SiLU need their input for the backward; ELU's
-#: in-place backward works from y (y + alpha) where the out-of-place one uses
-#: alpha exp(x), equal only to rounding: they have no entry and always run out
-#: of place.
+#: (and SELU's) in-place backward works from y where the out-of-place one uses
+#: exp(x), equal only to rounding: they have no entry and always run out of place.
 INPLACE_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu_,
     "tanh": torch.tanh_,
