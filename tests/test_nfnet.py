@@ -352,6 +352,35 @@ def test_squeeze_excite_initialization_gate_and_folded_scale():
     assert float(w.abs().max()) <= 1.0 and float(w.std()) == pytest.approx(float(ref.std()), rel=0.01)
 
 
+@pytest.mark.parametrize("name", ["nfnet_f0", "nf_regnet_b0"])
+def test_inplace_activations_after_a_squeeze_excite_give_the_same_bits(name, monkeypatch):
+    """``inplace_acts`` with an activation that has an in-place form (ReLU here; the
+    published GELU / SiLU have none): NF-RegNet's mid activation overwrites the SE's
+    output, NFNet's the conv outputs; outputs and gradients equal the out-of-place run."""
+    torch.manual_seed(0)
+    model = normfree.create_model(name, width=1 / 8, num_classes=3, act="relu", gain_init=1.0, drop_path=0.0,
+                                  dropout=0.0)  # (no random masks: the two runs must see the same network)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 2])
+
+    def run(inplace):
+        for b in model.blocks:
+            b.inplace_acts = inplace
+        model.zero_grad()
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    from normfree.layers import INPLACE_ACTIVATIONS
+    calls = []
+    monkeypatch.setitem(INPLACE_ACTIVATIONS, "relu", lambda t: (calls.append(1), torch.relu_(t))[1])
+    (out_i, grads_i), n_inplace = run(True), len(calls)
+    out_o, grads_o = run(False)
+    assert n_inplace >= sum(len(b.mids) for b in model.blocks) and len(calls) == n_inplace  # in place: only the first
+    assert torch.equal(out_i, out_o)
+    for n in grads_i:
+        assert torch.equal(grads_i[n], grads_o[n]), n
+
+
 def test_fixup_is_refused_with_a_squeeze_excite_layout():
     with pytest.raises(ValueError, match="fixup.*squeeze-excite"):
         normfree.create_model("nfnet_f0", width=1 / 16, fixup=True)

@@ -259,6 +259,14 @@ class ResidualBlock(nn.Module):
       weight (:meth:`_forward_folded`) instead of multiplying activation maps.
     * ``fold_biases`` (True; only with ``fold_scalars``): Fixup's scalar biases
       ride in the convolutions too (as conv biases, or ``conv(x) + b conv(1)``).
+    * ``inplace_acts`` (True; only with ``fold_scalars``): an activation
+      overwrites its input where that input is a tensor the block made itself
+      and nothing else reads (a conv's, norm's or bias's output: every mid
+      activation, and the pre-activation after a norm or Fixup bias); never
+      the block input ``x``, which the skip path, the caller and hooks still
+      read (so the pre-activation of none/nf/skipinit/rescale, a bare
+      activation of ``x``, always runs out of place). Exact: ReLU's backward
+      reads its output (see :data:`~normfree.layers.INPLACE_ACTIVATIONS`).
     * the no-grad weight cache of each convolution: ``Conv2d.cache_weights``.
     """
 
@@ -272,6 +280,7 @@ class ResidualBlock(nn.Module):
         self.drop_path = drop_path
         self.fold_scalars = True
         self.fold_biases = True
+        self.inplace_acts = True
         self.layout = layout = layout or LAYOUTS["bottleneck" if bottleneck else "basic"]
         if scheme.fixup and layout.se_ratio is not None:
             raise ValueError("fixup's scalar biases do not fit a branch with a squeeze-excite (the NFNet and "
@@ -431,7 +440,7 @@ class ResidualBlock(nn.Module):
         for i, (conv, unit) in enumerate(zip(self.convs, self.mids)):
             lead = self._lead_bias(unit)
             r = self._excite(i, conv(r, in_scale=a, in_bias=b, add_bias=lead))
-            r, b = self._unit(unit, r, skip_lead=lead is not None)
+            r, b = self._unit(unit, r, skip_lead=lead is not None, owned=True)  # (se(t) is a new tensor too)
             a = self.mid_scale
         gain = None if self.gain is None else self.gain.gain
         out_bias = None if self.out_bias is None else self.out_bias.bias
@@ -446,16 +455,23 @@ class ResidualBlock(nn.Module):
         r = drop_path(r, self.drop_path, self.training)
         return r + skip if self.skip_scale is None else torch.add(r, skip, alpha=self.skip_scale)
 
-    def _unit(self, unit: nn.Sequential, t: torch.Tensor, skip_lead: bool = False):
+    def _unit(self, unit: nn.Sequential, t: torch.Tensor, skip_lead: bool = False, owned: bool = False):
         """(unit(t), None); with ``fold_biases`` a trailing Fixup bias is not added but
         returned, for the next conv's ``in_bias``. ``skip_lead``: the unit's leading
-        bias was already added by the conv before it."""
+        bias was already added by the conv before it. ``owned``: nothing but this
+        unit reads ``t`` (a conv output), so with ``inplace_acts`` an activation
+        may overwrite it; so it may any tensor made inside the unit."""
         layers = list(unit)[1:] if skip_lead else list(unit)
         trail = None
         if self.fold_biases and len(layers) > 1 and isinstance(layers[-1], ScalarBias):
             trail = layers.pop().bias
         for m in layers:
-            t = m(t)
+            if owned and self.inplace_acts and isinstance(m, Activation):
+                t = m(t, inplace=True)
+            else:
+                out = m(t)
+                owned = owned or out is not t  # an identity activation hands back t itself
+                t = out
         return t, trail
 
     def _lead_bias(self, unit: nn.Sequential) -> Optional[torch.Tensor]:

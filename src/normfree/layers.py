@@ -38,6 +38,19 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "selu": F.selu,  # Klambauer et al. 2017: lambda 1.0507..., alpha 1.6733... (torch's constants)
 }
 
+#: in-place forms of the activations whose backward reads only their output,
+#: in place and out of place alike (ReLU: threshold_backward(grad, y); tanh:
+#: 1 - y^2; sigmoid: y (1 - y)), so that overwriting the input gives the same
+#: bits under autograd. GELU and SiLU need their input for the backward; ELU's
+#: (and SELU's) in-place backward works from y where the out-of-place one uses
+#: exp(x), equal only to rounding: they have no entry and always run out of place.
+INPLACE_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
+    "sigmoid": torch.sigmoid_,
+    "identity": lambda x: x,
+}
+
 #: Monte-Carlo gammas published with the NF-ResNet authors' code (Brock et al.
 #: 2021): gamma * g(z), z ~ N(0, 1), has unit variance. Kept for reference and
 #: tests; the models use :func:`activation_gamma`, which integrates exactly.
@@ -523,7 +536,13 @@ class ScalarBias(nn.Module):
 
 class Activation(nn.Module):
     """A named activation as a module (``relu``, ``gelu``, ...), times ``gain``
-    (1 unless given: NF stems multiply by the activation's gamma)."""
+    (1 unless given: NF stems multiply by the activation's gamma).
+
+    ``forward(x, inplace=True)`` overwrites ``x`` where the activation has an
+    exact in-place form (:data:`INPLACE_ACTIVATIONS`) and computes a new tensor
+    otherwise (the gain, if any, then multiplies out of place). Only the caller
+    knows whether nothing else still reads ``x`` (the residual block decides: see
+    ``ResidualBlock.inplace_acts``)."""
 
     def __init__(self, name: str = "relu", gain: float = 1.0):
         super().__init__()
@@ -531,8 +550,11 @@ class Activation(nn.Module):
         self.fn = get_activation(name)
         self.gain = gain
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fn(x)
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if inplace and self.name in INPLACE_ACTIVATIONS:
+            y = INPLACE_ACTIVATIONS[self.name](x)
+        else:
+            y = self.fn(x)
         return y if self.gain == 1.0 else y * self.gain
 
     def extra_repr(self) -> str:
