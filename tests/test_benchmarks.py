@@ -20,7 +20,7 @@ def load_bench():
 def test_bench_methods_quick_prints_table_ratios_ws_share_and_goal_lines(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--archs", "wrn", "--methods", "bn,none,fixup,nf", "--threads", "1",
+    assert bench.main(["--quick", "--archs", "wrn16_4", "--methods", "bn,none,fixup,nf", "--threads", "1",
                        "--system-malloc", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -66,7 +66,7 @@ def test_runner_flags_non_finite_models():
 def test_bench_methods_batch_list_gives_one_table_per_batch_and_a_summary(tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "bench.json"
-    assert bench.main(["--quick", "--archs", "wrn", "--methods", "bn,none,nf,nf:conv_bias=False", "--threads", "1",
+    assert bench.main(["--quick", "--archs", "wrn16_4", "--methods", "bn,none,nf,nf:conv_bias=False", "--threads", "1",
                        "--system-malloc", "--batch", "2,4", "--no-peak-memory", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -75,7 +75,7 @@ def test_bench_methods_batch_list_gives_one_table_per_batch_and_a_summary(tmp_pa
     assert "ratios against the batch size" in text
     summary = text.split("ratios against the batch size")[1]
     assert "nf x bn" in summary and "nf x none" in summary and "bn x none" in summary
-    assert sum(1 for line in summary.splitlines() if line.startswith("| wrn")) == 2
+    assert sum(1 for line in summary.splitlines() if line.startswith("| wrn16_4")) == 2
     rows = {r["method"]: r for r in result["results"][0]["rows"]}
     assert rows["nf:conv_bias=False"]["train_img_s"] > 0 and "nf:conv_bias=False x none" in summary
     assert bench.options_of("nf:conv_bias=False:alpha=0.5") == {"conv_bias": False, "alpha": 0.5}
@@ -103,6 +103,51 @@ def test_step_peak_memory_probe_grows_with_the_batch():
     (["--batch", ""], "--batch must be positive integers"),
 ])
 def test_bench_methods_rejects_bad_arguments_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load_bench().main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bench_methods_reports_both_allocators_in_one_table(tmp_path, capsys):
+    """--allocators retained,system: the training steps again in a fresh process with the
+    C library's defaults, a row per method in both settings and goal lines for each."""
+    bench = load_bench()
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--archs", "wrn16_1", "--methods", "none,nf", "--threads", "1",
+                       "--no-peak-memory", "--allocators", "retained,system", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    (arch,) = json.loads(out.read_text())["results"]
+    other = {r["method"]: r for r in arch["system_malloc"]["rows"]}
+    assert set(other) == {"none", "nf"} and all(r["train_img_s"] > 0 for r in other.values())
+    assert other["none"]["train_x_none"] == pytest.approx(1.0)
+    table = text.split("both allocator settings")[1]
+    assert "| none " in table and "| nf " in table and "retained / default" in table
+    assert "C library malloc: wrn16_1 batch 8: nf train throughput" in text
+
+
+def test_ws_benchmark_checks_the_batched_standardization_and_prints_every_row(capsys):
+    """benchmarks/bench_ws.py (smoke run): the batched node equals the per-conv one
+    (asserted inside the script before timing) and every row is printed."""
+    spec = importlib.util.spec_from_file_location("bench_ws", os.path.join(ROOT, "benchmarks", "bench_ws.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--arch", "quick", "--reps", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    for row in ("step none", "step nf", "step nf-bias", "WS per-conv", "WS batched", "WS reference"):
+        assert row in text
+    assert "nf - none:" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--allocators", "jemalloc"], "--allocators must be one or both of retained, system"),
+    (["--allocators", "system,system"], "--allocators must be one or both of retained, system"),
+])
+def test_bench_methods_rejects_bad_allocators(argv, message, capsys):
     with pytest.raises(SystemExit):
         load_bench().main(argv)
     assert message in capsys.readouterr().err

@@ -2,6 +2,7 @@
 folding, the no-grad weight cache and fold_model / torch.export."""
 import copy
 import io
+import os
 import pickle
 
 import pytest
@@ -468,6 +469,124 @@ def test_switch_benchmark_runs_every_switch_both_ways(capsys):
                                      ["cache_weights", "skipinit", "eval"]]
     assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
     assert "saved for backward" in " ".join(rows[0])
+
+
+def test_switch_benchmark_times_inplace_activations_with_step_peaks(capsys):
+    """bench_switches.py --only inplace_acts --methods nf: its row, with saved bytes and
+    the step's peak memory, switch on and off (fresh processes)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_switches.py"
+    spec = importlib.util.spec_from_file_location("bench_switches", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--arch", "quick", "--reps", "1", "--memory", "--only", "inplace_acts",
+                           "--methods", "nf"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()[2:]
+    assert [line.split()[:3] for line in lines] == [["inplace_acts", "nf", "train"]]
+    if os.path.exists("/proc/self/clear_refs"):
+        assert all("step peak" in line for line in lines)
+
+
+ALL_METHODS = sorted(normfree.SCHEMES)
+
+
+class _CountInplaceActivations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the in-place activation kernels that run (relu_, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.relu_.default, torch.ops.aten.tanh_.default, torch.ops.aten.sigmoid_.default):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _set_blocks(model, **switches):
+    for b in model.modules():
+        if isinstance(b, normfree.ResidualBlock):
+            for k, v in switches.items():
+                setattr(b, k, v)
+
+
+INPLACE_CASES = ([(f"{m}_wrn", True) for m in ALL_METHODS] + [(n, True) for n in ("nf_resnet50", "bn_resnet50")]
+                 + [(n, fb) for n in ("fixup_wrn", "fixup_resnet50") for fb in (True, False)][1:])
+
+
+@pytest.mark.parametrize("name, fold_biases", INPLACE_CASES)
+def test_inplace_activations_give_the_same_bits_outputs_and_gradients(name, fold_biases):
+    """ResidualBlock.inplace_acts against its other branch (every activation out of
+    place): the same kernels on the same values, so bit-identical outputs and
+    gradients; and the switch does run activations in place."""
+    model = make_case(name)
+    x = torch.randn(3, 3, 16, 16) if name.endswith("_wrn") else torch.randn(3, 3, 32, 32)
+    y = torch.tensor([1, 2, 3])
+
+    def run(inplace):
+        _set_blocks(model, inplace_acts=inplace, fold_biases=fold_biases)
+        model.zero_grad()
+        with _CountInplaceActivations() as counter:
+            out = model(x)
+            F.cross_entropy(out, y).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, counter.calls
+
+    out_i, grads_i, calls_i = run(True)
+    out_o, grads_o, calls_o = run(False)
+    from normfree.layers import INPLACE_ACTIVATIONS, Activation
+    exact = [m for b in model.modules() if isinstance(b, normfree.ResidualBlock) for unit in b.mids for m in unit
+             if isinstance(m, Activation) and m.name in INPLACE_ACTIVATIONS and m.name != "identity"]
+    assert calls_o == 0 and calls_i >= len(exact)  # every mid activation with an exact in-place form, at least
+    assert torch.equal(out_i, out_o)
+    for n in grads_i:
+        assert torch.equal(grads_i[n], grads_o[n]), n
+
+
+@pytest.mark.parametrize("name", [f"{m}_wrn" for m in ALL_METHODS] + ["nf_resnet50", "fixup_resnet50"])
+def test_inplace_activations_never_overwrite_a_block_input(name):
+    """The silent bug an in-place activation can cause: the block input x is also
+    the skip path (and what the caller, forward_intermediates or a hook holds).
+    Every block's input, and the model's, must come out of the forward unchanged."""
+    model = make_case(name).train()
+    _set_blocks(model, inplace_acts=True)
+    seen = []
+
+    def keep(_m, inp):
+        seen.append((inp[0], inp[0].detach().clone()))
+
+    handles = [b.register_forward_pre_hook(keep) for b in model.modules() if isinstance(b, normfree.ResidualBlock)]
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    x0 = x.detach().clone()
+    model(x).sum().backward()
+    for h in handles:
+        h.remove()
+    assert seen and all(torch.equal(t, copy_) for t, copy_ in seen)
+    assert torch.equal(x.detach(), x0)
+
+
+@pytest.mark.parametrize("act", sorted(normfree.ACTIVATIONS))
+def test_activation_inplace_form_is_exact_or_not_taken(act):
+    """Activation(name)(t, inplace=True): overwrites t only for the activations whose
+    backward reads their output (then same bits and same input gradient as out of
+    place); GELU, SiLU and ELU (whose in-place backward rounds differently) leave t as it was."""
+    from normfree.layers import INPLACE_ACTIVATIONS, Activation
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 5, dtype=torch.float64)
+    ref = Activation(act)(x * 1.0)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    t = x * 1.0  # a tensor of our own, as a conv output in the block
+    before = t.detach().clone()
+    out = Activation(act)(t, inplace=True)
+    (gx,) = torch.autograd.grad(out, x, g)
+    assert torch.equal(out, ref) and torch.equal(gx, gx_ref)
+    overwritten = act in INPLACE_ACTIVATIONS and act != "identity"
+    assert (out.data_ptr() == t.data_ptr()) == (overwritten or act == "identity")
+    assert torch.equal(t.detach(), ref.detach() if overwritten else before)
 
 
 # --------------------------------------------------------------------------

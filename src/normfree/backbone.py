@@ -55,10 +55,8 @@ def feature_info(model) -> FeatureInfo:
     """The feature maps a normfree :class:`~normfree.models.ResNet` can give:
     the stem convolution, then every stage."""
     arch = model.arch
-    stride = 2 if arch.stem == "imagenet" else 1
-    info = FeatureInfo([{"num_chs": arch.stem_width, "reduction": stride, "module": "stem.0", "index": 0}])
-    if arch.stem == "imagenet":
-        stride *= 2  # the max-pool
+    first, stride = arch.stem_strides  # after stem.0, after the whole stem (the max-pool of "imagenet")
+    info = FeatureInfo([{"num_chs": model.stem[0].out_channels, "reduction": first, "module": "stem.0", "index": 0}])
     for i, (end, width, s) in enumerate(zip(stage_ends(model), arch.widths, arch.strides), start=1):
         stride *= s
         info.append({"num_chs": width, "reduction": stride, "module": f"blocks.{end}", "index": i})
@@ -159,15 +157,24 @@ def make_classifier(scheme, num_features: int, num_classes: int) -> nn.Module:
 
 def pretrained_cfg(model, name: Optional[str] = None) -> Dict[str, Any]:
     """timm's record of what a model expects: input size, mean, std (None:
-    not trained, nothing known), classes, first conv and classifier names."""
-    imagenet = model.arch.stem == "imagenet"
-    side = 224 if imagenet else 32
+    not trained, nothing known), classes, first conv and classifier names.
+    The NF families (``arch.train_size``) add their published test resolution
+    (``test_input_size``, timm's key) and the official evaluation crop: resize
+    to test + 32 pixels (bicubic), centre crop test (DeepMind's
+    ``nfnets/dataset.py``, ``resize_crop_32``), i.e. crop_pct = test / (test + 32)."""
+    arch = model.arch
+    imagenet = arch.stem != "cifar"
+    side = arch.train_size or (224 if imagenet else 32)
     reduction = feature_info(model)[-1]["reduction"]
-    return {"architecture": name or model.arch.name, "num_classes": model.num_classes,
-            "input_size": (model.in_chans, side, side), "pool_size": (-(-side // reduction),) * 2,
-            "mean": None, "std": None, "interpolation": "bilinear", "crop_pct": 1.0 if not imagenet else 0.875,
-            "first_conv": "stem.0", "classifier": "fc", "url": "", "hf_hub_id": None, "license": None,
-            "source": "normfree (no published weights)"}
+    cfg = {"architecture": name or arch.name, "num_classes": model.num_classes,
+           "input_size": (model.in_chans, side, side), "pool_size": (-(-side // reduction),) * 2,
+           "mean": None, "std": None, "interpolation": "bilinear", "crop_pct": 1.0 if not imagenet else 0.875,
+           "first_conv": "stem.0", "classifier": "fc", "url": "", "hf_hub_id": None, "license": None,
+           "source": "normfree (no published weights)"}
+    if arch.test_size:
+        cfg.update(test_input_size=(model.in_chans, arch.test_size, arch.test_size),
+                   crop_pct=arch.test_size / (arch.test_size + 32), interpolation="bicubic")
+    return cfg
 
 
 def cfg_from_input(info: Optional[Dict[str, Any]], path: str) -> Dict[str, Any]:

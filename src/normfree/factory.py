@@ -428,7 +428,7 @@ def compare_specs(specs: List[Tuple[str, Optional[str]]], *, batch: Optional[int
         torch.manual_seed(seed)
         model = build_model(spec, num_classes=10, in_chans=in_chans, convert=method, options=opts,
                             depth=depth if registered else None, width=width if registered else None)
-        small = registered and getattr(getattr(model, "arch", None), "stem", "cifar") != "imagenet"
+        small = registered and getattr(getattr(model, "arch", None), "stem", "cifar") == "cifar"
         side = resolution or (32 if small else 128)
         shape = (batch or (256 if small else 8), in_chans, side, side)
         if getattr(getattr(model, "scheme", None), "data_init", None) == "lsuv":

@@ -11,7 +11,8 @@ is exact; folded are Scaled Weight Standardization with its gain (Brock et al.
 2021), NF-ResNet's gamma/beta on the pre-activation and gamma on the mid
 activations, alpha, the SkipInit / Fixup branch gain, RescaleNet's b_l, the
 Fixup bias after the branch (added to the last conv's bias), and NF's head
-gamma (into the classifier). Left as they are: Fixup's scalar biases *before*
+gamma (into the classifier). Where a squeeze-excite ends the branch (NFNets)
+s_branch goes into its gate's constant factor instead (``gate_scale``). Left as they are: Fixup's scalar biases *before*
 convolutions (``conv(x + b)`` is not ``conv(x) + const`` at zero-padded
 borders), RescaleNet's a_l on the skip path (one fused add already), and
 stochastic depth. Models with normalization layers are refused.
@@ -60,6 +61,10 @@ def _fold_block(block: ResidualBlock) -> None:
         in_scale = block.in_scale if i == 0 else block.mid_scale
         if i < last:
             block.convs[i] = _plain_conv(conv, in_scale)
+        elif block.se is not None and block.se_index == last:  # NFNet: s_branch * se(conv(..)) -> the SE's gate
+            block.convs[i] = _plain_conv(conv, in_scale)
+            s = block.branch_scale()
+            block.se.gate_scale *= 1.0 if s is None else float(s)
         else:  # s_branch * conv(..) + b (Fixup's bias after the branch)
             block.convs[i] = _plain_conv(conv, in_scale, block.branch_scale(), block.branch_bias())
     block.in_scale = block.mid_scale = block.branch_const = None

@@ -28,6 +28,8 @@ Scale = Optional[Union[float, torch.Tensor]]
 ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
+    # GELU's tanh approximation: jax.nn.gelu's default, so the one DeepMind's NFNets use
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
     "tanh": torch.tanh,
     "elu": F.elu,
@@ -36,12 +38,26 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "selu": F.selu,  # Klambauer et al. 2017: lambda 1.0507..., alpha 1.6733... (torch's constants)
 }
 
+#: in-place forms of the activations whose backward reads only their output,
+#: in place and out of place alike (ReLU: threshold_backward(grad, y); tanh:
+#: 1 - y^2; sigmoid: y (1 - y)), so that overwriting the input gives the same
+#: bits under autograd. GELU and SiLU need their input for the backward; ELU's
+#: (and SELU's) in-place backward works from y where the out-of-place one uses
+#: exp(x), equal only to rounding: they have no entry and always run out of place.
+INPLACE_ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
+    "sigmoid": torch.sigmoid_,
+    "identity": lambda x: x,
+}
+
 #: Monte-Carlo gammas published with the NF-ResNet authors' code (Brock et al.
 #: 2021): gamma * g(z), z ~ N(0, 1), has unit variance. Kept for reference and
 #: tests; the models use :func:`activation_gamma`, which integrates exactly.
 PUBLISHED_GAMMAS: Dict[str, float] = {
     "relu": 1.7139588594436646,
     "gelu": 1.7015043497085571,
+    "gelu_tanh": 1.7015043497085571,  # the published "gelu" constant was drawn with jax's tanh form
     "silu": 1.7881293296813965,
     "tanh": 1.5939117670059204,
     "elu": 1.2716004848480225,
@@ -64,7 +80,7 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def _normal_moments(fn: Callable[[torch.Tensor], torch.Tensor], points: int = 480_001) -> tuple:
     """(E[g(z)], E[g(z)^2]) for z ~ N(0, 1), by trapezoidal integration on a fine
     grid (accurate to ~1e-9 even for kinks such as ReLU's; ~1e-6 with 20,001 points)."""
-    z = torch.linspace(-12.0, 12.0, points, dtype=torch.float64)
+    z = torch.linspace(-12.0, 12.0, points, dtype=torch.float64, device="cpu")  # (also under a meta-device context)
     w = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     with torch.no_grad():
         g = fn(z).to(torch.float64)
@@ -519,18 +535,30 @@ class ScalarBias(nn.Module):
 
 
 class Activation(nn.Module):
-    """A named activation as a module (``relu``, ``gelu``, ...)."""
+    """A named activation as a module (``relu``, ``gelu``, ...), times ``gain``
+    (1 unless given: NF stems multiply by the activation's gamma).
 
-    def __init__(self, name: str = "relu"):
+    ``forward(x, inplace=True)`` overwrites ``x`` where the activation has an
+    exact in-place form (:data:`INPLACE_ACTIVATIONS`) and computes a new tensor
+    otherwise (the gain, if any, then multiplies out of place). Only the caller
+    knows whether nothing else still reads ``x`` (the residual block decides: see
+    ``ResidualBlock.inplace_acts``)."""
+
+    def __init__(self, name: str = "relu", gain: float = 1.0):
         super().__init__()
         self.name = name
         self.fn = get_activation(name)
+        self.gain = gain
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if inplace and self.name in INPLACE_ACTIVATIONS:
+            y = INPLACE_ACTIVATIONS[self.name](x)
+        else:
+            y = self.fn(x)
+        return y if self.gain == 1.0 else y * self.gain
 
     def extra_repr(self) -> str:
-        return self.name
+        return self.name if self.gain == 1.0 else f"{self.name}, gain={self.gain:.6g}"
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

@@ -725,6 +725,9 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
       v_skip = 1 at a transition: v ~ v0 + l within a stage, as under BN.
 
     Means are ignored (He-init nets drift, see ``mean_sq``) and ReLU is assumed.
+    NFNets and NF-RegNets are refused (ValueError): their average-pool shortcut
+    divides the variance by up to 4, by how much depends on the spatial
+    correlation of the features, which no formula here knows.
     """
     if isinstance(model, str):
         from .models import create_model  # only for names; signal.py otherwise needs only blocks
@@ -737,6 +740,10 @@ def predict_variance(model: Union[nn.Module, str], v0: float = 1.0, **create_kwa
                          f"with normfree.convert(model, method='nf'); {type(model).__name__} is neither, so there is "
                          f"no analytic prediction for it. Measure it with normfree.measure_signal(model, x)")
     scheme = getattr(model, "scheme", None)
+    if any(getattr(b, "shortcut_pool", None) is not None for b in blocks):
+        raise ValueError("no analytic prediction for a model with an average-pool shortcut (NFNets, NF-RegNets): "
+                         "it divides the variance by up to 4, depending on spatial correlations; measure it with "
+                         "normfree.measure_signal(model, x)")
     v = float(v0)
     out = []
     for b in blocks:

@@ -20,7 +20,8 @@
   one dimension); none on gains, biases, norm parameters or scalars. Scalar
   parameters (0-dim, ScalarBias, ScalarGain) train at lr x ``scalar_lr_mult``,
   by default 0.1 for Fixup models (the Fixup authors' recipe) and 1 otherwise.
-* Optional adaptive gradient clipping (``agc=0.01``, :mod:`normfree.agc`; the
+* Adaptive gradient clipping (``agc=0.01``; by default on at 0.01 for NFNets
+  only, ``agc=0`` turns it off; :mod:`normfree.agc`; the
   classifier found by :func:`normfree.factory.find_classifier`, or named by
   ``classifier=``, is not clipped), bf16
   autocast (``amp``), channels_last, ``torch.compile``; label smoothing;
@@ -70,6 +71,7 @@ Layout (each part can be read and changed on its own):
 ``distributed``           torchrun set-up, DDP, reductions
 ``interrupt``             Ctrl-C and SIGTERM
 ``options``               ``normfree train``'s command-line options
+``recipes``               published recipes (``nfnet``, ``nf_regnet``) as presets
 ========================  ===================================================
 
 Exit statuses of ``normfree train``: 0 ok (also a run stopped by
@@ -88,15 +90,16 @@ from .loop import Diverged, Trainer, train
 from .metrics import CSV_FIELDS, MetricsFiles, StepLog
 from .optim import Schedule, lr_factor, make_optimizer, param_groups
 from .options import add_arguments, config_from_args, parse_options, parse_value
+from .recipes import RECIPES, recipe
 from .rundir import RunDir, RunDirBusy, RunDirNotEmpty
 from .step import evaluate, train_step
 
 __all__ = [
     "CHECKPOINT", "CHECKPOINT_FORMAT", "CSV_FIELDS", "DEVICES", "Diverged", "EXIT_BAD_INPUT", "EXIT_DIVERGED",
     "EXIT_INTERRUPTED", "EXIT_OK", "FIXUP_SCALAR_LR_MULT", "Interrupted", "MetricsFiles", "OPTIMIZERS",
-    "RESUMABLE_CHANGES", "RunDir", "RunDirBusy", "RunDirNotEmpty", "SCHEDULES", "Schedule", "StepLog",
+    "RECIPES", "RESUMABLE_CHANGES", "RunDir", "RunDirBusy", "RunDirNotEmpty", "SCHEDULES", "Schedule", "StepLog",
     "TrainConfig", "TrainResult", "Trainer", "TrainingData", "add_arguments", "check_resumable",
     "config_from_args", "dist_env", "evaluate", "fingerprint", "load_checkpoint", "load_model",
     "lr_factor", "make_optimizer", "model_from_checkpoint", "param_groups", "parse_options", "parse_value",
-    "resolve_device", "save_checkpoint", "train", "train_step",
+    "recipe", "resolve_device", "save_checkpoint", "train", "train_step",
 ]

@@ -154,9 +154,9 @@ def _check_layout(ckpt: Dict[str, Any], config: TrainConfig) -> None:
         raise _corrupt(path, f"its configuration ({config.model}, depth {config.depth}, width {config.width}) "
                              f"has {want} residual blocks, its weights {len(blocks)}")
     fc = state.get("fc.weight")
-    if fc is None or fc.dim() != 2 or fc.shape[1] != arch.widths[-1]:
+    if fc is None or fc.dim() != 2 or fc.shape[1] != arch.num_features:
         got = tuple(fc.shape) if fc is not None else "none"
-        raise _corrupt(path, f"its configuration gives the classifier {arch.widths[-1]} input features, "
+        raise _corrupt(path, f"its configuration gives the classifier {arch.num_features} input features, "
                              f"its weights {got}")
 
 

@@ -41,6 +41,8 @@ MAX_WORKERS = 256
 #: Fixup's scalar biases and multipliers train at lr/10 in the authors' code
 #: (hongyi-zhang/Fixup, cifar/cifar_train.py: the bias and scale groups get base_lr / 10)
 FIXUP_SCALAR_LR_MULT = 0.1
+#: NFNets train with adaptive gradient clipping at 0.01 (deepmind-research nfnets/experiment_nfnets.py)
+NFNET_AGC = 0.01
 
 
 def _f(default, help: str, **kw):
@@ -140,7 +142,8 @@ class TrainConfig:
     scalar_lr_mult: Optional[float] = _f(None, "learning-rate multiplier of scalar parameters (scalar biases, "
                                                "gains, multipliers); default: 0.1 for Fixup models (the "
                                                "authors' recipe), 1 otherwise")
-    agc: Optional[float] = _f(None, "adaptive gradient clipping threshold lambda (e.g. 0.01); off by default")
+    agc: Optional[float] = _f(None, "adaptive gradient clipping threshold lambda (e.g. 0.01); 0 turns it off; "
+                                    "default: 0.01 for NFNets (nfnet_*, their published recipe), off otherwise")
     agc_eps: float = _f(1e-3, "AGC: minimum weight norm eps")
     # speed
     amp: bool = _f(False, "bf16 autocast where supported")
@@ -249,7 +252,7 @@ class TrainConfig:
         check_float("lr_gamma", self.lr_gamma, 0, math.inf, lo_open=True, hi_open=True)
         check_float("label_smoothing", self.label_smoothing, 0, 1, hi_open=True)
         check_float("scalar_lr_mult", self.scalar_lr_mult, 0, math.inf, lo_open=True, hi_open=True, optional=True)
-        check_float("agc", self.agc, 0, math.inf, lo_open=True, hi_open=True, optional=True)
+        check_float("agc", self.agc, 0, math.inf, hi_open=True, optional=True)
         check_float("agc_eps", self.agc_eps, 0, math.inf, lo_open=True, hi_open=True)
 
         check(self.device in DEVICES or (isinstance(self.device, str) and self.device.startswith("cuda:")
@@ -296,6 +299,15 @@ class TrainConfig:
         if self.scalar_lr_mult is not None:
             return float(self.scalar_lr_mult)
         return FIXUP_SCALAR_LR_MULT if self.method == "fixup" else 1.0
+
+    def effective_agc(self) -> Optional[float]:
+        """The AGC threshold the run uses (None: no clipping): ``agc``, 0 meaning
+        off, or by default 0.01 for NFNets (Brock et al. 2021b's recipe,
+        deepmind-research nfnets/experiment_nfnets.py: SGD_AGC clipping 0.01) and
+        none for other models."""
+        if self.agc is not None:
+            return None if self.agc == 0 else float(self.agc)
+        return NFNET_AGC if self.registered and self.model.startswith("nfnet_") else None
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -160,7 +160,7 @@ class Trainer:
         model, self.num_classes, self.model_info = built.model, built.num_classes, built.info
         self.num_params = sum(p.numel() for p in model.parameters())
         self.classifier = None
-        if cfg.agc is not None:
+        if cfg.effective_agc() is not None:
             self.classifier, head = find_classifier(model, cfg.classifier)
             if head is None:
                 self.say(f"note: no classifier found in {type(model).__name__} (no get_classifier(), fc, head or "
@@ -181,7 +181,7 @@ class Trainer:
         return {"config": cfg.to_dict(), "world_size": self.dist.world, "device": str(self.device),
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup, "local_batch_size": self.local_batch,
-                "scalar_lr_mult": cfg.effective_scalar_lr_mult(),
+                "scalar_lr_mult": cfg.effective_scalar_lr_mult(), "agc": cfg.effective_agc(),
                 "train_examples": d.num_train, "test_examples": d.num_test,
                 "num_params": self.num_params, "augment": d.augment, "data_name": d.name,
                 "data_fingerprint": d.fingerprint, "num_classes": self.num_classes, "in_chans": d.in_chans,

@@ -64,7 +64,7 @@ def param_groups(model: nn.Module, weight_decay: float, scalar_lr_mult: float = 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, agc_exclude: Optional[List[nn.Parameter]] = None
                    ) -> torch.optim.Optimizer:
-    """SGD or AdamW over :func:`param_groups`, wrapped in AGC when ``cfg.agc``.
+    """SGD or AdamW over :func:`param_groups`, wrapped in AGC when ``cfg.effective_agc()``.
 
     AGC leaves out ``agc_exclude``; by default the classifier that
     :func:`normfree.factory.find_classifier` finds (``cfg.classifier`` names it;
@@ -77,7 +77,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, agc_exclude: Optional[Lis
                               nesterov=cfg.nesterov and cfg.momentum > 0)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    if cfg.agc is not None:
+    if cfg.effective_agc() is not None:
         from ..agc import AGC, classifier_exclude
 
         if agc_exclude is None:
@@ -85,7 +85,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, agc_exclude: Optional[Lis
 
             head = find_classifier(model, cfg.classifier)[1]
             agc_exclude = classifier_exclude(head)
-        opt = AGC(opt, model=model, clipping=cfg.agc, eps=cfg.agc_eps, exclude=agc_exclude)
+        opt = AGC(opt, model=model, clipping=cfg.effective_agc(), eps=cfg.agc_eps, exclude=agc_exclude)
     return opt
 
 

@@ -50,6 +50,12 @@ def add_arguments(parser) -> None:
     import argparse
     import typing
 
+    from .recipes import RECIPES
+
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=argparse.SUPPRESS,
+                        help="start from a published training recipe (nfnet: SGD Nesterov 0.9, wd 2e-5, lr 0.1 x "
+                             "batch/256, 5 warmup epochs + cosine, label smoothing 0.1, AGC 0.01; nf_regnet: lr 0.4, "
+                             "wd per variant, no AGC); options given here win (details: normfree.train.recipes)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         help_text = f.metadata.get("help", "")
@@ -100,11 +106,15 @@ def saved_config(out: str) -> Optional[Dict[str, Any]]:
 def config_from_args(args) -> TrainConfig:
     """The :class:`TrainConfig` of parsed :func:`add_arguments` options.
 
-    Options not given take the defaults, or with ``--resume`` the values of the
+    Options not given take the defaults (those of ``--recipe`` when given), or with ``--resume`` the values of the
     run being resumed (``OUT/config.json``), so ``normfree train --out DIR
     --resume`` alone continues a run."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     values = TrainConfig().to_dict()
+    if getattr(args, "recipe", None):
+        from .recipes import recipe_values
+
+        values.update(recipe_values(args.recipe, given))
     if given.get("resume") and given.get("out"):
         saved = saved_config(given["out"]) or {}
         values.update({k: v for k, v in saved.items() if k in values and k not in ("stop_after_steps", "reschedule")})
