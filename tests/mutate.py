@@ -45,7 +45,7 @@ MODULES = {
         "tests/test_methods.py", "-k", "options_are_validated or scaling_factors"]),
     "optim": ("src/normfree/train/optim.py", [
         "tests/test_train.py", "-k", "lr_schedules or param_groups or fixup_scalars or agc_option or amp_channels "
-        "or schedule_ends or options_reach"]),
+        "or schedule_ends or options_reach or make_optimizer"]),
     "blocks": ("src/normfree/blocks.py", [
         "tests/test_models.py", "-k", "step_by_step or fixup_initialization or skipinit_blocks or groupnorm "
         "or stochastic_depth or fixup_shortcut or stem_is or nf_has or rescale_coefficients or drop_path_drops "
@@ -86,6 +86,10 @@ EQUIVALENT = {
     "normfree.schemes.x__closest__mutmut_7": "get_close_matches lists the best match first; only close[0] is used",
     "normfree.schemes.x__closest__mutmut_9": "get_close_matches lists the best match first; only close[0] is used",
     "normfree.train.optim.x_make_optimizer__mutmut_23": "SGD's default lr is never used: every group sets its own lr",
+    "normfree.train.optim.x_make_optimizer__mutmut_34": "AdamW's default lr is never used: every group sets its own lr",
+    "normfree.train.optim.x_make_optimizer__mutmut_49": "AGC needs model= only to resolve names; exclude is a list of tensors here",
+    "normfree.train.optim.x_make_optimizer__mutmut_54": "AGC needs model= only to resolve names; exclude is a list of tensors here",
+    "normfree.blocks.xǁPoolPadShortcutǁforward__mutmut_4": "F.pad by 0 channels returns the same values",
 }
 
 WORK = ROOT / "runs" / "mutate"

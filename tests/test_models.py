@@ -508,6 +508,12 @@ def test_groupnorm_never_degenerates_to_instancenorm():
     assert [group_count(c) for c in (1, 2, 3, 7, 16, 32, 48)] == [1, 1, 1, 1, 8, 16, 24]
 
 
+def test_groupnorm_group_count_examples():
+    """The largest G <= 32 that divides C with >= 2 channels per group, whichever parity."""
+    from normfree.blocks import group_count
+    assert [group_count(c) for c in (4, 6, 10, 99, 66)] == [2, 3, 5, 11, 22]
+
+
 def test_stochastic_depth_indexes_blocks_from_zero_like_the_official_code():
     """DeepMind nf_resnet.py / skipinit_resnet.py: rate = p * index / L, index = 0..L-1."""
     model = small("nf_wrn", depth=16, drop_path=0.1)

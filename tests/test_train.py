@@ -100,6 +100,20 @@ def test_schedule_ends_and_optimizer_construction():
     assert names == ["decay", "no_decay"]  # no scalars: no empty "scalar" group
 
 
+def test_make_optimizer_agc_leaves_out_the_named_or_given_classifier():
+    """AGC's exclusion in make_optimizer: the classifier named by cfg.classifier (its weight),
+    or exactly the parameters the caller gives."""
+    from collections import OrderedDict
+
+    from normfree.agc import AGC
+    from normfree.train import make_optimizer
+    model = torch.nn.Sequential(OrderedDict(body=torch.nn.Linear(4, 8), out_layer=torch.nn.Linear(8, 2)))
+    opt = make_optimizer(model, TrainConfig(model=None, agc=0.01, classifier="out_layer"))
+    assert isinstance(opt, AGC) and [id(p) for p in opt.excluded] == [id(model.out_layer.weight)]
+    opt = make_optimizer(model, TrainConfig(model=None, agc=0.01), agc_exclude=[model.body.bias])
+    assert [id(p) for p in opt.excluded] == [id(model.body.bias)]
+
+
 def test_evaluate_matches_manual(digits):
     """evaluate = eval-mode cross-entropy and accuracy over all examples (the last,
     partial batch included), the model's mode restored whichever it was. A BN model
