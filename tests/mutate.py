@@ -49,6 +49,7 @@ MODULES = {
     "blocks": ("src/normfree/blocks.py", [
         "tests/test_models.py", "-k", "step_by_step or fixup_initialization or skipinit_blocks or groupnorm "
         "or stochastic_depth or fixup_shortcut or stem_is or nf_has or rescale_coefficients or drop_path_drops "
+        "or folded_fixup "
         "or nf_beta or he_init or second_moment",
         "tests/test_fold.py", "-k", "reference_path or folded_scalars or bias_folding",
         "tests/test_methods.py", "-k", "arpit_initialization or scaling_factors or start_at_the_he_gain"]),
@@ -90,6 +91,10 @@ EQUIVALENT = {
     "normfree.train.optim.x_make_optimizer__mutmut_49": "AGC needs model= only to resolve names; exclude is a list of tensors here",
     "normfree.train.optim.x_make_optimizer__mutmut_54": "AGC needs model= only to resolve names; exclude is a list of tensors here",
     "normfree.blocks.xǁPoolPadShortcutǁforward__mutmut_4": "F.pad by 0 channels returns the same values",
+    "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_6": "stride 1 through the pool branch slices by 1: the same tensor",
+    "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_7": "forward slices by the pool's stride; its kernel size is never used",
+    "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_11": "forward slices by the pool's stride; its kernel size is never used",
+    "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_12": "stride 1 through the pool branch slices by 1: the same tensor",
 }
 
 WORK = ROOT / "runs" / "mutate"

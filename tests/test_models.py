@@ -514,6 +514,29 @@ def test_groupnorm_group_count_examples():
     assert [group_count(c) for c in (4, 6, 10, 99, 66)] == [2, 3, 5, 11, 22]
 
 
+def test_groupnorm_variants_ln_and_in_normalize_over_their_groups():
+    """ln: one group (mean 0 / var 1 per sample over C, H, W); in: one group per channel."""
+    x = torch.randn(3, 16, 5, 5) * 3 + 1
+    for method, per in (("ln", lambda t: t.flatten(1)), ("in", lambda t: t.flatten(2))):
+        norms = [m for m in small(f"{method}_wrn", width=1).modules() if isinstance(m, torch.nn.GroupNorm)]
+        n16 = next(m for m in norms if m.num_channels == 16)
+        with torch.no_grad():
+            y = per(n16(x))
+        torch.testing.assert_close(y.mean(-1), torch.zeros(y.shape[:-1]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(y.shape[:-1]), atol=1e-3, rtol=0)
+
+
+def test_fixup_shortcut_pool_pad_keeps_equal_channels_and_pads_new_ones():
+    from normfree.blocks import PoolPadShortcut
+    x = torch.randn(2, 4, 6, 6)
+    assert torch.equal(PoolPadShortcut(4, 4, 2)(x), x[:, :, ::2, ::2])  # equal channels: allowed, subsampled
+    assert torch.equal(PoolPadShortcut(4, 4, 1)(x), x)
+    out = PoolPadShortcut(4, 6, 1)(x)
+    assert torch.equal(out[:, :4], x) and torch.count_nonzero(out[:, 4:]) == 0
+    with pytest.raises(ValueError, match=r"cannot reduce channels \(4 -> 3\)"):
+        PoolPadShortcut(4, 3, 1)
+
+
 def test_stochastic_depth_indexes_blocks_from_zero_like_the_official_code():
     """DeepMind nf_resnet.py / skipinit_resnet.py: rate = p * index / L, index = 0..L-1."""
     model = small("nf_wrn", depth=16, drop_path=0.1)
