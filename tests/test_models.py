@@ -515,15 +515,15 @@ def test_groupnorm_group_count_examples():
 
 
 def test_groupnorm_variants_ln_and_in_normalize_over_their_groups():
-    """ln: one group (mean 0 / var 1 per sample over C, H, W); in: one group per channel."""
-    x = torch.randn(3, 16, 5, 5) * 3 + 1
-    for method, per in (("ln", lambda t: t.flatten(1)), ("in", lambda t: t.flatten(2))):
+    """ln: LayerNorm over (C, H, W) (one group); in: InstanceNorm (one group per channel)."""
+    import torch.nn.functional as F
+    x = torch.randn(3, 16, 5, 5) * 3 + torch.linspace(-2, 2, 16).view(1, -1, 1, 1)
+    refs = {"ln": lambda t: F.layer_norm(t, t.shape[1:], eps=1e-5), "in": lambda t: F.instance_norm(t, eps=1e-5)}
+    for method, ref in refs.items():
         norms = [m for m in small(f"{method}_wrn", width=1).modules() if isinstance(m, torch.nn.GroupNorm)]
         n16 = next(m for m in norms if m.num_channels == 16)
         with torch.no_grad():
-            y = per(n16(x))
-        torch.testing.assert_close(y.mean(-1), torch.zeros(y.shape[:-1]), atol=1e-5, rtol=0)
-        torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(y.shape[:-1]), atol=1e-3, rtol=0)
+            torch.testing.assert_close(n16(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
 def test_fixup_shortcut_pool_pad_keeps_equal_channels_and_pads_new_ones():
