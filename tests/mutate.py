@@ -91,6 +91,11 @@ EQUIVALENT = {
     "normfree.train.optim.x_make_optimizer__mutmut_49": "AGC needs model= only to resolve names; exclude is a list of tensors here",
     "normfree.train.optim.x_make_optimizer__mutmut_54": "AGC needs model= only to resolve names; exclude is a list of tensors here",
     "normfree.blocks.xǁPoolPadShortcutǁforward__mutmut_4": "F.pad by 0 channels returns the same values",
+    "normfree.blocks.xǁResidualBlockǁ_unit__mutmut_11": "no unit is a lone ScalarBias: len(layers) is never 1 there",
+    **{f"normfree.train.optim.x_param_groups__mutmut_{i}": "ScalarGain/ScalarBias hold 0-dim parameters: "
+       "p.dim() == 0 already puts them in the scalar group" for i in (3, 4, 5, 6)},
+    "normfree.train.optim.x_param_groups__mutmut_28": "rsplit('.')[-1] is the last name part whatever maxsplit",
+    "normfree.train.optim.x_param_groups__mutmut_31": "rsplit('.')[-1] is the last name part whatever maxsplit",
     "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_6": "stride 1 through the pool branch slices by 1: the same tensor",
     "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_7": "forward slices by the pool's stride; its kernel size is never used",
     "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_11": "forward slices by the pool's stride; its kernel size is never used",

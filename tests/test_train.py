@@ -98,6 +98,10 @@ def test_schedule_ends_and_optimizer_construction():
     plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 3))
     names = [g["name"] for g in param_groups(plain, 1e-4, scalar_lr_mult=0.1)]
     assert names == ["decay", "no_decay"]  # no scalars: no empty "scalar" group
+    user = torch.nn.Module()  # a 0-dim parameter of any module is a scalar too
+    user.lin, user.temperature = torch.nn.Linear(2, 2), torch.nn.Parameter(torch.tensor(0.5))
+    scalar = {g["name"]: g for g in param_groups(user, 1e-4, 0.1)}["scalar"]
+    assert [id(p) for p in scalar["params"]] == [id(user.temperature)] and scalar["lr_mult"] == 0.1
     default = {g["name"]: g for g in param_groups(model, 0.0)}
     assert default["scalar"]["lr_mult"] == 1.0  # scalar_lr_mult defaults to 1 (param_groups; Fixup's 0.1 is the trainer's)
 
