@@ -531,6 +531,17 @@ def test_groupnorm_variants_ln_and_in_normalize_over_their_groups():
             torch.testing.assert_close(n16(x), ref(x), rtol=1e-4, atol=1e-4)
 
 
+def test_norm_order_bn_relu_vs_relu_bn():
+    """bn (norm_act): relu(bn(x)) >= 0; relubn (act_norm): bn(relu(x)), zero-mean channels."""
+    x = torch.randn(8, 16, 6, 6) + 0.5
+    with torch.no_grad():
+        pre_bn = blocks_of(small("bn_wrn", width=1).train())[0].pre(x)
+        pre_relubn = blocks_of(small("relubn_wrn", width=1).train())[0].pre(x)
+    assert pre_bn.min() >= 0 and pre_bn.mean() > 0.2
+    assert pre_relubn.min() < -0.1
+    torch.testing.assert_close(pre_relubn.mean(dim=(0, 2, 3)), torch.zeros(16), atol=1e-5, rtol=0)
+
+
 def test_fixup_shortcut_pool_pad_keeps_equal_channels_and_pads_new_ones():
     from normfree.blocks import PoolPadShortcut
     x = torch.randn(2, 4, 6, 6)

@@ -98,6 +98,8 @@ def test_schedule_ends_and_optimizer_construction():
     plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 3))
     names = [g["name"] for g in param_groups(plain, 1e-4, scalar_lr_mult=0.1)]
     assert names == ["decay", "no_decay"]  # no scalars: no empty "scalar" group
+    bare = torch.nn.Linear(3, 2)  # top-level names ("weight", no dot) are found too
+    assert [g["name"] for g in param_groups(bare, 1e-4)] == ["decay", "no_decay"]
     user = torch.nn.Module()  # a 0-dim parameter of any module is a scalar too
     user.lin, user.temperature = torch.nn.Linear(2, 2), torch.nn.Parameter(torch.tensor(0.5))
     scalar = {g["name"]: g for g in param_groups(user, 1e-4, 0.1)}["scalar"]
