@@ -43,7 +43,8 @@ def test_quick_study_writes_a_complete_report(quick):
     # a smoke test says so at the top, before any claim
     assert QUICK_WARNING in md.split("## Claims")[0] and "smoke test" in page.split("<h2>Claims")[0]
     assert page.count("data:image/png;base64,") >= 8 and "src='figures/" not in page
-    for fig in ["spp", "spp_skipinit", "spp_methods", "depth", "batch_lr", "paths_tracking", "lesion", "agc"]:
+    for fig in ["spp", "spp_skipinit", "spp_methods", "spp_nf_families", "depth", "batch_lr", "paths_tracking",
+                "lesion", "agc"]:
         for ext in ("png", "svg"):
             assert os.path.getsize(os.path.join(out, "figures", f"{fig}.{ext}")) > 1000
     assert "platform" in md and "torch" in md and "CPU time" in md
@@ -52,6 +53,8 @@ def test_quick_study_writes_a_complete_report(quick):
     # each seed's measurement is in the report; NF's SPP is drawn with its skip gain at 1, and says so
     assert md.count("**Each seed's measurement**") == 6
     assert "gain_init=1.0" in md
+    # the published NF families are drawn at their own depths (12 and 16 blocks), not judged
+    assert "| nfnet_f0 (12 blocks" in md and "| nf_regnet_b0 (16 blocks" in md
 
 
 def test_claims_are_computed_with_a_rule_and_a_verdict(quick):

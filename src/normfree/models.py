@@ -260,13 +260,9 @@ class ResNet(nn.Module):
         self.head_scale = activation_gamma(scheme.act) if scheme.nf_alpha is not None else None
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(scheme.dropout) if scheme.dropout > 0 else nn.Identity()
-        self.fc = nn.Linear(cin, num_classes)
-        if scheme.classifier_init == "zero":
-            nn.init.zeros_(self.fc.weight)
-            nn.init.zeros_(self.fc.bias)
-        elif scheme.classifier_init == "normal_0.01":
-            nn.init.normal_(self.fc.weight, 0.0, 0.01)
-            nn.init.zeros_(self.fc.bias)
+        from .backbone import make_classifier  # (backbone imports this module)
+
+        self.fc = make_classifier(scheme, cin, num_classes)
 
     @property
     def num_features(self) -> int:

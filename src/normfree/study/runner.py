@@ -260,10 +260,16 @@ def _execute_signal(spec: RunSpec) -> Dict[str, Any]:
         lsuv_init(model, torch.randn(tuple(c["shape"]), generator=torch.Generator().manual_seed(c["seed"] + 1)))
     stats = measure_signal(model, tuple(c["shape"]), seed=c["seed"])
     second = stats.input_var + stats.input_mean_sq
+
+    def predict(v0: float):  # None where there is no analytic prediction (NFNets' average-pool shortcut)
+        try:
+            return predict_variance(model, v0=v0)
+        except ValueError:
+            return None
+
     return {"models": {c["model"]: {"blocks": stats.to_dicts(), "input_var": stats.input_var,
                                     "input_mean_sq": stats.input_mean_sq,
-                                    "predicted": predict_variance(model, v0=stats.input_var),
-                                    "predicted_second": predict_variance(model, v0=second)}}}
+                                    "predicted": predict(stats.input_var), "predicted_second": predict(second)}}}
 
 
 def execute(spec: RunSpec, data_dir: Optional[str], threads: int = 1) -> Dict[str, Any]:

@@ -38,6 +38,8 @@ KNOBS = {
     "spp_seeds": knob(int, 2, quick=1, full=3, lo=1, hi=20, help="seeds (weights and noise) per model"),
     "spp_lsuv_depth": knob(int, 100, quick=16, full=1000, lo=10, hi=5000, check=wrn_depth,
                            help="WRN depth of LSUV's SPP (lsuv_init's cost grows with the square of the depth)"),
+    "spp_family_width": knob(float, 0.25, quick=0.125, full=1.0, lo=0.0625, hi=4.0,
+                             help="channel multiplier of the NFNet-F0 / NF-RegNet-B0 SPPs (published depths)"),
 }
 
 #: (label, model, create_model options). NF: skip gain 1, as in the paper's SPPs.
@@ -63,6 +65,16 @@ MODELS = [
     ("lsuv", "lsuv_wrn", {}),   # at spp_lsuv_depth, initialized by lsuv_init on noise (the runner does it)
 ]
 
+#: published NF families (their own depths; skip gain 1 as in the official SPPs): drawn, not judged here --
+#: their per-block agreement with DeepMind's code is tested in tests/test_nfnet.py
+FAMILIES = [
+    ("nfnet_f0", "nfnet_f0", {"gain_init": 1.0}),
+    ("nf_regnet_b0", "nf_regnet_b0", {"gain_init": 1.0}),
+]
+FAMILY_BLOCKS = {"nfnet_f0": 12, "nf_regnet_b0": 16}
+#: their noise is at least this large (stride 32: 64 x 64 leaves 2 x 2 maps in the last stage)
+FAMILY_MIN_RESOLUTION = 64
+
 #: issue 17's methods: drawn in their own figure
 NEW_METHODS = ("balduzzi", "szegedy", "hanin", "arpit", "wn", "cwn", "selu", "lsuv")
 #: methods whose residual scaling is meant to keep the signal's scale at any depth (judged against the formula)
@@ -80,11 +92,18 @@ def depth_of(ctx: Context, label: str) -> int:
 def plan(ctx: Context) -> List[RunSpec]:
     sz = ctx.size
     shape = [sz.spp_batch, ctx.data.in_chans, sz.spp_resolution, sz.spp_resolution]
-    return [RunSpec(NAME, f"{label} seed {seed}",
+    side = max(sz.spp_resolution, FAMILY_MIN_RESOLUTION)
+    wrns = [RunSpec(NAME, f"{label} seed {seed}",
                     {"model": model, "options": opts, "depth": depth_of(ctx, label), "width": sz.width,
                      "shape": shape, "num_classes": ctx.data.num_classes, "seed": seed},
                     task="signal", seed=seed, blocks=wrn_blocks(depth_of(ctx, label)))
             for seed in ctx.seeds(sz.spp_seeds) for label, model, opts in MODELS]
+    families = [RunSpec(NAME, f"{label} seed {seed}",
+                        {"model": model, "options": opts, "depth": None, "width": sz.spp_family_width,
+                         "shape": shape[:2] + [side, side], "num_classes": ctx.data.num_classes, "seed": seed},
+                        task="signal", seed=seed, blocks=FAMILY_BLOCKS[model])
+                for seed in ctx.seeds(sz.spp_seeds) for label, model, opts in FAMILIES]
+    return wrns + families
 
 
 # --------------------------------------------------------------------------
@@ -369,7 +388,9 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
         "(`normfree.signal.predict_variance`).")
     stats = {label: _stats(m["blocks"]) for label, m in first.items()}
     preds = {label: m["predicted"] for label, m in first.items()}
-    bounded = [l for l in stats if l not in ("none", "skipinit a=1", "skipinit a=1/sqrt(d)") + NEW_METHODS]
+    families = [label for label, _, _ in FAMILIES if label in stats]
+    bounded = [l for l in stats
+               if l not in ("none", "skipinit a=1", "skipinit a=1/sqrt(d)") + NEW_METHODS + tuple(families)]
     sec.figures.append((plot_spp({l: stats[l] for l in bounded}, ctx.fig("spp"),
                                  predictions={l: preds[l] for l in bounded})[0],
                         "Signal propagation of every method with bounded variance: squared channel mean, channel "
@@ -397,13 +418,27 @@ def report(ctx: Context, specs: Sequence[RunSpec], recs: Dict[str, dict]) -> Sec
                             "second moment, judged in the claims). WN, CWN and SELU keep y = x + f(x) unscaled, so "
                             "their variance doubles per block and overflows float32 (not drawn) long before the last "
                             "block."))
+    if families:
+        side = max(sz.spp_resolution, FAMILY_MIN_RESOLUTION)
+        sec.text.append(
+            f"The published NF families at their own depths: NFNet-F0 (12 blocks) and NF-RegNet-B0 (16 blocks), "
+            f"channels x{fmt(sz.spp_family_width)}, noise of {side} x {side}, skip gains at 1 as in the official "
+            "SPPs. They are drawn, not judged here: their per-block agreement with DeepMind's code (within 10% at "
+            "192 x 192) is tested in the test suite (`tests/test_nfnet.py`, `benchmarks/official_reference/`). "
+            "Their average-pool shortcut divides the variance by up to 4 at each stride-2 block (no analytic "
+            "prediction is drawn).")
+        sec.figures.append((plot_spp({l: stats[l] for l in families}, ctx.fig("spp_nf_families"),
+                                     title="NFNet-F0 and NF-RegNet-B0 at initialization")[0],
+                            "NFNet-F0 and NF-RegNet-B0 (skip gains 1): squared channel mean, channel variance and "
+                            "residual-branch variance after each block."))
     rows = []
     for label, m in first.items():
         b = m["blocks"]
         idx = [0, len(b) // 2, len(b) - 1]
         mean, nb = effective_path(b)
         rows.append([label if len(b) == n else f"{label} ({len(b)} blocks: its first, middle, last)"]
-                    + [f"{fmt(_num(b[i]['var']))} / {fmt(m['predicted'][i])}" for i in idx]
+                    + [f"{fmt(_num(b[i]['var']))} / {fmt(m['predicted'][i]) if m.get('predicted') else '-'}"
+                       for i in idx]
                     + [max(_num(x["mean_sq"]) for x in b), mean if nb else "-"])
     sec.tables.append((f"Seed {min(per_seed)}: measured / predicted variance at the first, middle and last block; "
                        "the largest squared channel mean; mean effective path length (De & Smith's residual/skip "
