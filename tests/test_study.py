@@ -16,7 +16,7 @@ from normfree.study import (EXPERIMENTS, FAILS, HOLDS, KNOBS, QUICK_WARNING, UNS
                             parse_size_overrides, run_study, study_size)
 from normfree.study.experiments import agc, batch, budget, depth, paths, spp
 from normfree.study.sizes import PRESET_NAMES
-from normfree.study.verdicts import pack_bits, paired_bootstrap, unanimous, unpack_bits
+from normfree.study.verdicts import linear_r2, pack_bits, paired_bootstrap, unanimous, unpack_bits
 
 VERDICTS = {HOLDS, FAILS, UNSURE}
 QUIET = dict(jobs=1, progress=False, log=lambda s: None)
@@ -870,3 +870,13 @@ def test_a_killed_worker_ends_the_study_with_one_line(tmp_path):
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_linear_r2_fits_a_line_and_gives_nan_for_missing_points():
+    """The BN-growth rule's fit: exact on a line, nan (not an error) when a
+    point is missing (None from an overflowed run) or there are < 3 points."""
+    slope, r2 = linear_r2([1.0, 3.0, 5.0, 7.0])
+    assert slope == pytest.approx(2.0) and r2 == pytest.approx(1.0)
+    assert 0 < linear_r2([1.0, 4.0, 4.5, 9.0])[1] < 1
+    for bad in ([1.0, None, 3.0, 4.0], [1.0, float("inf"), 3.0], [1.0, 2.0]):
+        assert all(math.isnan(v) for v in linear_r2(bad)), bad
