@@ -46,11 +46,11 @@ CONFIGS = [("bn", "bn_wrn", {}), ("relubn", "relubn_wrn", {}), ("none", "none_wr
            ("skipinit a=1", "skipinit_wrn", {"gain_init": 1.0}),
            ("fixup", "fixup_wrn", {}), ("nf_he", "nf_he_wrn", {}), ("nf", "nf_wrn", {}),
            ("rescale", "rescale_wrn", {}),
-           # issue 17's methods whose scaling is meant for deep networks; wn, cwn and selu leave
-           # y = x + f(x) unscaled (the variance doubles per block, as `none`), and a registered
-           # lsuv model is only He-initialized until lsuv_init runs, which training does not do
+           # issue 17's methods meant for deep networks (lsuv: `normfree train` runs lsuv_init on the
+           # first training batch); wn, cwn and selu leave y = x + f(x) unscaled, so their variance
+           # doubles per block as `none`'s does
            ("balduzzi", "balduzzi_wrn", {}), ("szegedy", "szegedy_wrn", {}), ("hanin", "hanin_wrn", {}),
-           ("arpit", "arpit_wrn", {})]
+           ("arpit", "arpit_wrn", {}), ("lsuv", "lsuv_wrn", {})]
 
 #: the claim: these train, these do not (bn, the paper's control, only with deep_with_bn=1)
 CLAIM_TRAINS = ("skipinit a=0",)

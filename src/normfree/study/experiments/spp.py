@@ -6,8 +6,8 @@ skip gain at 1 (``gain_init=1.0``), as the NF paper's SPPs and the official
 code's do; SkipInit at alpha = 0, 1/sqrt(d) and 1; the methods of issue 17
 (Balduzzi, Szegedy, Hanin & Rolnick, Arpit, WN, CWN, SELU) at the same depth
 and LSUV at ``spp_lsuv_depth`` (its data-dependent init runs a forward pass
-up to each layer: measured 74 CPU seconds at 100 layers on the default noise
-batch, growing ~ layers^2.2, so some 3 CPU hours at 1,000).
+up to each layer: 32-74 CPU seconds at 100 layers on the default noise
+batch, growing ~ layers^2.2, so hours at 1,000).
 Judges: the growth laws of De & Smith 2020 and Brock et al. 2021, whether
 the residual scalings of Balduzzi, Hanin & Rolnick and Arpit et al. keep the
 signal at their formula's scale, and whether centering (CWN) removes WN's mean
