@@ -272,6 +272,15 @@ def test_good_size_overrides_are_typed():
         parse_size_overrides(["deep_lr=0.1", "deep_lr=0.2"])
 
 
+def test_set_data_is_the_same_knob_as_data(tmp_path, capsys):
+    # `--set data=NAME` once crashed with "got multiple values for keyword argument 'data'"
+    assert cli.main(["study", "--plan", "--set", "data=cifar10", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "preset cifar10" in out and "data cifar10" in out, out
+    assert cli.main(["study", "--plan", "--data", "cifar10", "--set", "data=cifar10",
+                     "--out", str(tmp_path / "o")]) == 0
+
+
 def test_bad_study_arguments(tmp_path, capsys):
     def fails(args, message):
         assert cli.main(["study"] + args + ["--out", str(tmp_path / "o")]) == 2
@@ -288,6 +297,7 @@ def test_bad_study_arguments(tmp_path, capsys):
     fails(["--plan", "--threads", "100000"], "threads must be an integer")
     fails(["--plan", "--max-train-examples", "0"], "max_train_examples = 0 is out of range")
     fails(["--plan", "--device", "tpu"], "device must be cpu, cuda")
+    fails(["--plan", "--data", "digits", "--set", "data=cifar10"], "data given twice: --data digits and --set data=cifar10")
     assert not os.path.exists(tmp_path / "o")  # nothing written
     (tmp_path / "file").write_text("mine")
     assert cli.main(["study", "--quick", "--out", str(tmp_path / "file")]) == 2

@@ -273,8 +273,8 @@ def add_study(sub) -> None:
     size.add_argument("--quick", action="store_const", dest="preset", const="quick",
                       help="the same pipeline at tiny sizes: a smoke test (used by the tests); no evidence")
     size.add_argument("--cifar10", action="store_const", dest="preset", const="cifar10",
-                      help="the CIFAR-10 preset (also chosen by --data cifar10): meant for about 90 min on 2 CPU cores "
-                           "(--plan estimates 1h51m; not yet timed to the end); "
+                      help="the CIFAR-10 preset (also chosen by --data cifar10): about 90 min on 2 CPU cores "
+                           "(--plan estimates 1h33m; see the README for the measured time); "
                            "needs --data-dir DIR holding cifar-10-batches-py, or --download")
     size.add_argument("--full", action="store_const", dest="preset", const="full",
                       help="the papers' scale: CIFAR-10 (needs --data-dir or --download), WRN up to depth 1000; "
@@ -316,10 +316,15 @@ def add_study(sub) -> None:
                 raise ValueError("max_train_examples given twice (--max-train-examples and --set)")
             extra["max_train_examples"] = KNOBS["max_train_examples"].parse("max_train_examples",
                                                                               str(args.max_train_examples))
+        data = args.data
+        if "data" in extra:  # --set data=NAME is the same knob as --data NAME
+            if data is not None and data != extra["data"]:
+                raise ValueError(f"data given twice: --data {data} and --set data={extra['data']}")
+            data = extra.pop("data")
         from .study.runner import WorkerDied
 
         try:
-            result = run_study(args.preset, args.out, data=args.data, data_dir=args.data_dir,
+            result = run_study(args.preset, args.out, data=data, data_dir=args.data_dir,
                                download=args.download,
                                experiments=[e.strip() for e in args.experiments.split(",") if e.strip()],
                                seed=args.seed, jobs=args.jobs, threads=args.threads, device=args.device,

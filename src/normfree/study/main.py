@@ -105,7 +105,7 @@ def run_study(preset: str = "default", out: str = "runs/study", *, data: Optiona
 
     Args:
         preset: "quick" (a smoke test), "default" (built-in digits, <= 20 min on 2 CPU cores), "cifar10"
-            (meant for about 90 min on 2 CPU cores, ``--plan`` estimates 1h51m, not yet timed to the end;
+            (about 90 min on 2 CPU cores, ``--plan`` estimates 1h33m, the README gives the measured time;
             also chosen by ``data="cifar10"``) or "full" (the papers' scale,
             for a GPU). See ``normfree.study.PRESET_TEXT``.
         data, data_dir, download: the data set (default: the preset's), where its files are, and whether
