@@ -396,6 +396,7 @@ def test_rule_doubling_survives_overflow():
     (10 - 0.3 * L, FAILS),                                  # shrinking
     (1 + 0.7 * L + 2.0 * (L % 2), UNSURE),                  # linear but noisy: 0.8 <= R^2 < 0.95
     (1.5 ** L, FAILS),                                      # exponential: R^2 < 0.8
+    (3.0 + 0.0 * L, FAILS),                                 # flat: no growth (once a rounding-noise slope)
 ])
 def test_rule_bn_linear(var, verdict):
     v, m = spp.rule_bn_linear(_blocks(list(var)))
@@ -890,3 +891,65 @@ def test_linear_r2_fits_a_line_and_gives_nan_for_missing_points():
     assert 0 < linear_r2([1.0, 4.0, 4.5, 9.0])[1] < 1
     for bad in ([1.0, None, 3.0, 4.0], [1.0, float("inf"), 3.0], [1.0, 2.0]):
         assert all(math.isnan(v) for v in linear_r2(bad)), bad
+
+
+def test_rule_helper_matches_is_strict_at_both_margins():
+    """`matches`: holds only strictly inside (-margin, margin), fails only strictly
+    outside, and an interval touching or straddling a margin is inconclusive."""
+    from normfree.study.verdicts import Interval, matches
+
+    iv = lambda lo, hi: Interval((lo + hi) / 2, lo, hi, 1, 100)
+    assert matches(iv(-0.01, 0.02), 0.03) == HOLDS
+    assert matches(iv(-0.029, -0.001), 0.03) == HOLDS            # asymmetric, all below 0: still inside
+    assert matches(iv(0.001, 0.029), 0.03) == HOLDS
+    assert matches(iv(-0.03, 0.02), 0.03) == UNSURE              # touches -margin
+    assert matches(iv(-0.02, 0.03), 0.03) == UNSURE              # touches +margin
+    assert matches(iv(-0.04, 0.0), 0.03) == UNSURE               # straddles -margin
+    assert matches(iv(0.0, 0.04), 0.03) == UNSURE                # straddles +margin
+    assert matches(iv(0.031, 0.05), 0.03) == FAILS               # wholly above
+    assert matches(iv(-0.05, -0.031), 0.03) == FAILS             # wholly below
+    assert matches(iv(0.03, 0.05), 0.03) == UNSURE               # lo on the margin is not outside
+    assert matches(iv(-0.05, -0.03), 0.03) == UNSURE
+    assert matches(iv(-0.04, 0.04), 0.03) == UNSURE              # wider than the band on both sides
+
+
+def test_rule_helper_fmt_never_prints_none_and_keeps_digits():
+    from normfree.study.verdicts import fmt
+
+    assert fmt(None) == "-"
+    assert fmt(True) == "yes" and fmt(False) == "no"
+    assert fmt(7) == "7" and fmt(np.int64(12)) == "12"
+    assert fmt(0.123456) == "0.123" and fmt(0.123456, 2) == "0.12" and fmt(np.float32(2.5)) == "2.5"
+    assert fmt(999.4) == "999" and fmt(1234.5) == "1.23e+03" and fmt(1234.5, 4) == "1234"
+    assert fmt(-1234.5) == "-1.23e+03"
+    assert fmt(float("inf")) == "inf" and fmt(float("-inf")) == "-inf" and fmt(float("nan")) == "nan"
+    assert fmt(np.float64("nan")) == "nan"
+    assert fmt("abc") == "abc"
+
+
+def test_rule_helper_grid_note_names_the_grid_edges():
+    from normfree.study.verdicts import grid_note
+
+    grid = [0.8, 0.05, 0.2]                                      # not sorted: the edges are min and max
+    assert grid_note(None, grid) == "no learning rate trained"
+    assert grid_note(None, grid, "batch size") == "no batch size trained"
+    assert grid_note(0.8, grid) == "0.8 (top of the grid: the true limit may be higher)"
+    assert grid_note(0.05, grid) == "0.05 (bottom of the grid)"
+    assert grid_note(0.2, grid) == "0.2"
+    assert grid_note(0.4, [0.4]) == "0.4 (top of the grid: the true limit may be higher)"  # a 1-point grid
+
+
+def test_rule_helper_linear_r2_matches_numpy():
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 12):
+        y = 0.7 * np.arange(1, n + 1) + rng.normal(0, 1.0, n) + 3.0
+        slope, r2 = linear_r2(list(y))
+        k = np.arange(1, n + 1)
+        assert slope == pytest.approx(np.polyfit(k, y, 1)[0], rel=1e-9)
+        assert r2 == pytest.approx(np.corrcoef(k, y)[0, 1] ** 2, rel=1e-9)
+    # a flat line: slope exactly 0 (polyfit's rounding gave -4.5e-16 or +4.5e-16 and R^2 = -0.68)
+    assert linear_r2([2.0, 2.0, 2.0]) == (0.0, 1.0) and linear_r2([1e6] * 4) == (0.0, 1.0)
+    assert linear_r2([2.0, 2.0, 2.0 + 1e-6])[0] > 0               # a real (tiny) rise is still a rise
+    assert all(math.isnan(v) for v in linear_r2([1.0, float("nan"), 3.0, 4.0]))
+    slope, r2 = linear_r2([1.0, 2.0, 3.0])                        # exactly 3 points is enough
+    assert slope == pytest.approx(1.0) and r2 == pytest.approx(1.0)

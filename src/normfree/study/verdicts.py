@@ -230,14 +230,19 @@ def pct(v: Optional[float]) -> str:
 
 
 def linear_r2(y: Sequence[float]) -> Tuple[float, float]:
-    """(slope, R^2) of a least-squares line through y against 1..n (nan if < 3 finite points)."""
+    """(slope, R^2) of a least-squares line through y against 1..n (nan if < 3 finite points).
+
+    Constant y (up to rounding) is the flat line: slope exactly 0, R^2 = 1 (not the
+    rounding noise of polyfit, which could read as a small positive slope)."""
     y = np.asarray(y, dtype=np.float64)
     if len(y) < 3 or not np.all(np.isfinite(y)):
         return float("nan"), float("nan")
+    if np.ptp(y) <= 1e-12 * max(1.0, float(np.abs(y).max())):
+        return 0.0, 1.0
     k = np.arange(1, len(y) + 1, dtype=np.float64)
     slope, icpt = np.polyfit(k, y, 1)
     ss_res = float(np.sum((y - (icpt + slope * k)) ** 2))
-    ss_tot = float(np.sum((y - y.mean()) ** 2)) or 1e-30
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
     return float(slope), 1.0 - ss_res / ss_tot
 
 
