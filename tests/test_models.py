@@ -1,4 +1,5 @@
 import math
+import dataclasses
 
 import pytest
 import torch
@@ -667,3 +668,71 @@ def test_aliases_regularized_defaults_and_initial_gain():
         make_scheme("nff")
     with pytest.raises(ValueError, match=r"unknown method 'qqqq'; allowed"):  # nothing close: no suggestion
         make_scheme("qqqq")
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_make_conv_of_every_scheme(name):
+    """The conv each method's block is built from: its class, stride, padding, groups, bias
+    and initial scale, read from the scheme's fields as the docstring states them."""
+    from normfree.blocks import make_conv
+    from normfree.layers import Conv2d, WeightNormConv2d, activation_he_gain
+
+    s = SCHEMES[name]
+    torch.manual_seed(0)
+    kind = {"ws": ScaledStdConv2d, "wn": WeightNormConv2d, "cwn": WeightNormConv2d}.get(s.conv, Conv2d)
+    for kernel, stride, groups in [(1, 1, 1), (3, 2, 1), (3, 1, 2), (7, 2, 1)]:
+        conv = make_conv(s, 8, 16, kernel, stride, groups=groups)
+        assert type(conv) is kind
+        assert conv.kernel_size == (kernel, kernel) and conv.stride == (stride, stride)
+        assert conv.padding == (kernel // 2, kernel // 2) and conv.groups == groups
+        assert (conv.bias is not None) == bool(s.conv_bias)
+        if conv.bias is not None:
+            assert torch.count_nonzero(conv.bias) == 0
+        assert conv(torch.randn(1, 8, 15, 15)).shape == (1, 16, 15 // stride + (stride > 1), 15 // stride + (stride > 1))
+    if kind is WeightNormConv2d:
+        assert conv.center == (s.conv == "cwn")
+    # the initial scale (a wide layer, so the sample std is within a few %)
+    act = "identity" if s.nf_alpha is not None else s.act
+    conv = make_conv(s, 64, 256, 3)
+    fan_in = conv.weight[0].numel()
+    std = conv.weight.std().item() * math.sqrt(fan_in)
+    if kind is ScaledStdConv2d:
+        assert std == pytest.approx(1.0, rel=0.03)             # N(0, 1 / fan_in), as DeepMind's WSConv2D
+    elif kind is WeightNormConv2d:
+        g = activation_he_gain(act) * (math.sqrt(64 / 256) if s.init == "arpit" else 1.0)
+        assert torch.allclose(conv.gain.detach(), torch.full_like(conv.gain, g))
+        if s.init != "arpit":
+            assert std == pytest.approx(1.0, rel=0.03)
+    else:
+        assert std == pytest.approx(activation_he_gain(act), rel=0.03)
+        if s.nf_alpha is None:                                 # a linear input (the stem) gets gain 1
+            lin = make_conv(s, 64, 256, 3, input_act="identity")
+            assert lin.weight.std().item() * math.sqrt(fan_in) == pytest.approx(1.0, rel=0.03)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_norm_act_units_of_every_scheme(name):
+    """The pre-activation unit, spelled out: [ScalarBias] (norm, act) or (act, norm) or act [ScalarBias]."""
+    from normfree.blocks import norm_act
+    from normfree.layers import Activation, ScalarBias
+
+    s = SCHEMES[name]
+    norm = {"bn": torch.nn.BatchNorm2d, "gn": torch.nn.GroupNorm, "ln": torch.nn.GroupNorm,
+            "in": torch.nn.GroupNorm, None: None}[s.norm]
+    core = [Activation] if norm is None else [norm, Activation] if s.order == "norm_act" else [Activation, norm]
+    want = [ScalarBias] + core + [ScalarBias] if s.fixup else core
+    assert [type(m) for m in norm_act(s, 16)] == want
+    # a Fixup-style scheme with a norm keeps both scalar biases around the (norm, act) pair
+    both = [type(m) for m in norm_act(dataclasses.replace(s, fixup=True, norm="bn", order="act_norm"), 16)]
+    assert both == [ScalarBias, Activation, torch.nn.BatchNorm2d, ScalarBias]
+
+
+def test_norm_act_units_ln_in_and_gn_normalize_over_their_groups():
+    from normfree.blocks import group_count, norm_layer
+
+    assert norm_layer("ln", 12).num_groups == 1 and norm_layer("in", 12).num_groups == 12
+    assert norm_layer("gn", 12).num_groups == group_count(12) == 6
+    x = torch.randn(3, 12, 5, 5) * 4 + 2
+    y = norm_layer("ln", 12)(x)
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(y.var(dim=(1, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
