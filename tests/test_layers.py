@@ -97,3 +97,42 @@ def test_scalar_gain_and_bias():
     assert torch.equal(g(x), torch.zeros_like(x)) and torch.equal(b(x), x)
     (g(x).sum() + b(x).sum()).backward()
     assert g.gain.grad is not None and b.bias.grad.item() == pytest.approx(12.0)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_weight_norm_conv_is_g_times_the_normalized_direction_per_filter(center):
+    """W_hat = g v / ||v|| (WN), g (v - mean v) / ||v - mean v|| (CWN), per output channel,
+    checked against a step-by-step computation on filters with different means and norms."""
+    from normfree.layers import WeightNormConv2d
+
+    torch.manual_seed(0)
+    conv = WeightNormConv2d(3, 4, 3, center=center)
+    assert conv.center is center and conv.gain.shape == (4, 1, 1, 1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.tensor([0.5, 1.0, 2.0, 3.0]).view(4, 1, 1, 1))
+        conv.weight.add_(torch.tensor([0.0, 0.3, -0.7, 1.5]).view(4, 1, 1, 1))   # each filter its own mean
+        conv.gain.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]).view(4, 1, 1, 1))
+    v = conv.weight.detach().flatten(1)
+    if center:
+        v = v - v.mean(dim=1, keepdim=True)
+    ref = (v / v.norm(dim=1, keepdim=True)).view_as(conv.weight)
+    assert torch.allclose(conv.normalized_weight(), ref, atol=1e-6)
+    rows = conv.effective_weight().detach().flatten(1)
+    assert torch.allclose(rows.norm(dim=1), torch.tensor([0.5, 1.0, 1.5, 2.0]), atol=1e-5)
+    means = rows.mean(dim=1)
+    if center:
+        assert torch.allclose(means, torch.zeros(4), atol=1e-6)
+    else:
+        assert means.abs().min() > 1e-3                        # WN keeps each filter's mean
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.allclose(conv(x), F.conv2d(x, ref * conv.gain.detach(), conv.bias), atol=1e-5)
+
+
+def test_clear_cache_on_a_conv_that_never_cached():
+    conv = Conv2d(3, 4, 3)
+    conv.clear_cache()                                         # nothing cached yet: no error
+    with torch.no_grad():
+        conv(torch.randn(1, 3, 5, 5), in_scale=2.0)
+    conv.clear_cache()
+    conv.clear_cache()
+    assert "_fold_cache" not in conv.__dict__
