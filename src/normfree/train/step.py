@@ -1,7 +1,7 @@
 """One training step and one evaluation pass."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Iterable, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,20 +39,34 @@ def evaluate(model: nn.Module, x_uint8, y, mean, std, batch_size: int = 512, dev
     n = len(y)
     if n == 0:
         raise ValueError("evaluate needs at least one example")
+    batches = Batches(x_uint8, y, batch_size, mean, std, shuffle=False, augment=False, drop_last=False,
+                      device=str(device))
+    loss_sum, correct, _ = score_batches(model, batches, device, amp, channels_last)
+    return loss_sum / n, correct / n
+
+
+@torch.no_grad()
+def score_batches(model: nn.Module, pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                  amp: bool = False, channels_last: bool = False) -> Tuple[float, int, int]:
+    """Summed cross-entropy (no label smoothing), number correct and number of
+    examples of ``model`` over ``(inputs, labels)`` pairs already on ``device``,
+    in eval mode (the model's mode is restored). Sums are kept on the device in
+    float64 / int64: one host sync at the end."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
     try:
-        for xb, yb in Batches(x_uint8, y, batch_size, mean, std, shuffle=False, augment=False,
-                              drop_last=False, device=str(device)):
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
+        for x, y in pairs:
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(xb)
+                logits = model(x)
             logits = logits.float()
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
-            correct += (logits.argmax(1) == yb).sum()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+            n += len(y)
     finally:
         model.train(was_training)
-    return float(loss_sum) / n, int(correct) / n
+    return float(loss_sum), int(correct), n

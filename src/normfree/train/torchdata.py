@@ -40,7 +40,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler,
                               SequentialSampler)
 
@@ -374,33 +373,24 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, device: torch.device, 
                     channels_last: bool = False) -> Tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` over ``loader`` in eval mode
     (the model's mode and every global random generator are restored)."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
+    from .step import score_batches
+
+    def pairs():
+        for batch in loader:
+            x, y = _pair(batch, "the test data")
+            yield _to(x, device, False), y.to(device, torch.int64)
+
     devices = [device] if device.type == "cuda" else []
     py, npy = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices):
-            for batch in loader:
-                x, y = _pair(batch, "the test data")
-                x, y = _to(x, device, False), y.to(device, torch.int64)
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model(x)
-                logits = logits.float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-                correct += (logits.argmax(1) == y).sum()
-                n += len(y)
+            loss_sum, correct, n = score_batches(model, pairs(), device, amp, channels_last)
     finally:
         random.setstate(py)
         np.random.set_state(npy)
-        model.train(was_training)
     if n == 0:
         raise ValueError("the test data are empty: nothing to evaluate on")
-    return float(loss_sum) / n, int(correct) / n
+    return loss_sum / n, correct / n
 
 
 def first_batch(batches: LoaderBatches, samples: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
