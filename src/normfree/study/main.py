@@ -105,7 +105,7 @@ def run_study(preset: str = "default", out: str = "runs/study", *, data: Optiona
 
     Args:
         preset: "quick" (a smoke test), "default" (built-in digits, <= 20 min on 2 CPU cores), "cifar10"
-            (about 90 min on 2 CPU cores, ``--plan`` estimates 1h33m, the README gives the measured time;
+            (about 90 min on 2 CPU cores, ``--plan`` estimates 1h27m, the README gives the measured time;
             also chosen by ``data="cifar10"``) or "full" (the papers' scale,
             for a GPU). See ``normfree.study.PRESET_TEXT``.
         data, data_dir, download: the data set (default: the preset's), where its files are, and whether
@@ -183,7 +183,7 @@ def _run_study(preset, out, *, data, data_dir, download, experiments, seed, jobs
                 log(f"    {s.key}  {s.label}")
         core_s = total / UNITS_PER_SECOND
         log(f"estimate: {fmt_time(core_s)} of CPU time, about {fmt_time(core_s / jobs)} with {jobs} worker(s) on a "
-            f"quiet machine (a rough cost model calibrated on WRN-16-1 / CIFAR-10 at 450 images/s per core)")
+            f"quiet machine (a rough cost model fitted to the default preset and to WRN-16-1 on CIFAR-10 at ~250 images/s per worker)")
         return {"plans": {e: [s.label for s in specs] for e, specs in plans.items()}, "data": info.name,
                 "preset": preset, "estimated_cpu_seconds": total / UNITS_PER_SECOND}
 

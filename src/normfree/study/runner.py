@@ -82,7 +82,7 @@ class RunSpec:
         steps = c.get("steps")
         if not steps:
             steps = c["epochs"] * c.get("_train_examples", 1000) / c["batch_size"]
-        pixels = c.get("_pixels", 64) / 64
+        pixels = (c.get("_pixels", 64) / 64) ** PIXEL_EXPONENT
         return float(steps * (c["batch_size"] * pixels * (self.blocks + 2) + 60 * (self.blocks + 2)))
 
     def seconds(self) -> float:
@@ -90,9 +90,13 @@ class RunSpec:
         return self.cost / UNITS_PER_SECOND
 
 
-#: cost units (:attr:`RunSpec.cost`) one CPU core does per second: a WRN-16-1 on 32x32 images is 128
-#: units per image, trained at about 450 images/s per core (``normfree train`` ~900 images/s on 2 cores)
-UNITS_PER_SECOND = 128 * 450
+#: cost units (:attr:`RunSpec.cost`) one CPU core does per second, and how the cost per image grows with
+#: its pixels (faster than linearly: larger activations fall out of the caches). Fitted to two measured
+#: points on the 2-core machine with two workers at once: the default preset (8x8 digits, 1 unit per image
+#: and block: 30m48s of CPU for what the old linear model put at 37m20s) and a WRN-16-1 on CIFAR-10
+#: (32x32: 16 ** 1.28 x 8 = 277 units per image, ~250 images/s per worker)
+UNITS_PER_SECOND = 70_000
+PIXEL_EXPONENT = 1.28
 
 
 # --------------------------------------------------------------------------

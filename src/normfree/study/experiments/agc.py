@@ -23,7 +23,7 @@ KNOBS = {
     "agc_batch": knob(int, 256, quick=64, cifar10=512, full=4096, lo=1, hi=65536, help="the large batch size"),
     "agc_lrs": knob(float, (0.4, 1.6, 6.4), quick=(1.6,), cifar10=(0.2, 0.8, 3.2), full=(0.8, 1.6, 3.2, 6.4),
                     many=True, lo=1e-6, hi=1000, help="learning rates"),
-    "agc_epochs": knob(float, 15, quick=0.5, cifar10=0.8, full=60, lo=0.01, hi=10000, help="epochs per run"),
+    "agc_epochs": knob(float, 15, quick=0.5, cifar10=0.4, full=60, lo=0.01, hi=10000, help="epochs per run"),
     "agc_clipping": knob(float, 0.04, full=0.01, lo=1e-6, hi=100, help="AGC threshold lambda"),
     "agc_seeds": knob(int, 2, quick=1, lo=1, hi=20, help="seeds per run"),
 }

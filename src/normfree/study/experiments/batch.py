@@ -27,7 +27,7 @@ KNOBS = {
     "bs_lrs": knob(float, (0.05, 0.2, 0.8, 3.2), quick=(0.1, 1.6), cifar10=(0.05, 0.2, 0.8),
                    full=(0.0125, 0.05, 0.2, 0.8, 3.2, 12.8), many=True, length=(2, 12), lo=1e-6, hi=100,
                    help="learning rates (a geometric grid)"),
-    "bs_epochs": knob(float, 8, quick=0.5, cifar10=0.5, full=30, lo=0.01, hi=10000, help="epochs per run"),
+    "bs_epochs": knob(float, 8, quick=0.5, cifar10=0.3, full=30, lo=0.01, hi=10000, help="epochs per run"),
     "bs_seeds": knob(int, 2, quick=1, full=3, lo=1, hi=20, help="seeds per cell"),
     "bs_match_margin": knob(float, 0.03, cifar10=0.015, full=0.005, lo=0.0, hi=1.0,
                             help="'SkipInit matches BN' means an accuracy gap within this (fraction)"),

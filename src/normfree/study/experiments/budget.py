@@ -23,7 +23,7 @@ NAME = "budget"
 
 KNOBS = {
     "budget_depth": knob(int, 16, quick=10, full=28, lo=10, hi=5000, check=wrn_depth, help="WRN depth"),
-    "budget_epochs": knob(float, 12, quick=0.5, cifar10=2.5, full=200, lo=0.01, hi=10000, help="epochs per run"),
+    "budget_epochs": knob(float, 12, quick=0.5, cifar10=1.2, full=200, lo=0.01, hi=10000, help="epochs per run"),
     "budget_batch": knob(int, 64, quick=32, cifar10=128, full=128, lo=1, hi=65536, help="batch size"),
     "budget_lr": knob(float, 0.1, lo=1e-6, hi=100, help="peak learning rate (SGD Nesterov, cosine)"),
     "budget_seeds": knob(int, 3, quick=1, cifar10=2, lo=1, hi=20, help="seeds per method"),

@@ -20,22 +20,22 @@ from ..verdicts import FAILS, HOLDS, UNSURE, Claim, chance_loss, fmt, pct, train
 NAME = "depth"
 
 KNOBS = {
-    "depths": knob(int, (10, 34, 100), quick=(10, 16), cifar10=(10, 28, 64), full=(10, 28, 100, 304),
+    "depths": knob(int, (10, 34, 100), quick=(10, 16), cifar10=(10, 22, 40), full=(10, 28, 100, 304),
                    many=True, lo=10, hi=5000, check=wrn_depth, help="WRN depths of the trainability curve"),
     "depth_lrs": knob(float, (0.05, 0.2), quick=(0.1,), cifar10=(0.1,), full=(0.03, 0.1, 0.3, 1.0), many=True,
                       lo=1e-6, hi=100,
                       help="learning rates of the curve (the best per cell is shown)"),
-    "depth_steps": knob(int, 80, quick=6, cifar10=120, full=5000, lo=1, hi=10_000_000, help="SGD steps per curve run"),
+    "depth_steps": knob(int, 80, quick=6, cifar10=100, full=5000, lo=1, hi=10_000_000, help="SGD steps per curve run"),
     "depth_batch": knob(int, 32, quick=16, cifar10=64, full=128, lo=1, hi=65536, help="batch size of the curve runs"),
     "deep_depth": knob(int, 1000, quick=34, cifar10=100, full=1000, lo=10, hi=5000, check=wrn_depth,
                        help="depth of the claim's runs (the paper's headline: 1,000 layers)"),
-    "deep_steps": knob(int, 200, quick=6, cifar10=270, full=5000, lo=1, hi=10_000_000,
+    "deep_steps": knob(int, 200, quick=6, cifar10=200, full=5000, lo=1, hi=10_000_000,
                        help="SGD steps of each claim run"),
     "deep_batch": knob(int, 32, quick=16, cifar10=64, full=128, lo=1, hi=65536, help="batch size of the claim runs"),
     "deep_lr": knob(float, 0.03, quick=0.1, cifar10=0.05, full=0.1, lo=1e-6, hi=100,
                     help="learning rate of the claim runs (SkipInit at 1,000 layers diverges at 0.1 at batch 16)"),
     "depth_seeds": knob(int, 3, quick=1, lo=1, hi=20, help="seeds of the claim runs"),
-    "deep_with_bn": knob(int, 0, cifar10=1, full=1, lo=0, hi=1,
+    "deep_with_bn": knob(int, 0, full=1, lo=0, hi=1,
                          help="1: also train bn at deep_depth (the paper's BN control; costly on a CPU)"),
 }
 

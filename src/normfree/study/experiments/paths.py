@@ -22,10 +22,10 @@ NAME = "paths"
 
 KNOBS = {
     "paths_depth": knob(int, 64, quick=16, cifar10=40, full=1000, lo=10, hi=5000, check=wrn_depth, help="WRN depth"),
-    "paths_steps": knob(int, 240, quick=10, cifar10=320, full=5000, lo=1, hi=10_000_000, help="SGD steps"),
+    "paths_steps": knob(int, 240, quick=10, cifar10=160, full=5000, lo=1, hi=10_000_000, help="SGD steps"),
     "paths_batch": knob(int, 32, quick=16, cifar10=64, full=128, lo=1, hi=65536, help="batch size"),
     "paths_lr": knob(float, 0.05, lo=1e-6, hi=100, help="learning rate"),
-    "paths_track_every": knob(int, 20, quick=5, cifar10=50, full=250, lo=1, hi=10_000_000,
+    "paths_track_every": knob(int, 20, quick=5, cifar10=40, full=250, lo=1, hi=10_000_000,
                               help="steps between measurements of the residual/skip ratios"),
     "paths_seeds": knob(int, 2, quick=1, lo=1, hi=20, help="seeds per method"),
     "paths_lesion_images": knob(int, None, cifar10=2000, lo=1, hi=10_000_000, optional=True,
