@@ -970,3 +970,70 @@ def test_rule_helper_linear_r2_matches_numpy():
     assert all(math.isnan(v) for v in linear_r2([1.0, float("nan"), 3.0, 4.0]))
     slope, r2 = linear_r2([1.0, 2.0, 3.0])                        # exactly 3 points is enough
     assert slope == pytest.approx(1.0) and r2 == pytest.approx(1.0)
+
+
+def test_rule_helper_claim_refuses_bad_verdicts_and_the_word_none():
+    ok = dict(claim="c", source="s", measured="m", verdict=HOLDS, rule="r")
+    Claim(**ok)
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        Claim(**{**ok, "verdict": "maybe"})
+    for key in ("measured", "rule", "paper"):
+        with pytest.raises(ValueError, match="not None"):
+            Claim(**{**ok, key: "largest lr that trains None"})
+    Claim(**{**ok, "measured": "Nonetheless fine"})               # the word, not the letters
+
+
+def test_rule_helper_agreement_and_unanimous_count_the_seeds():
+    from normfree.study.verdicts import agreement
+
+    assert agreement(HOLDS, []) == ""
+    assert agreement(HOLDS, [HOLDS]) == "holds in 1 of 1 seed"
+    assert agreement(HOLDS, [HOLDS, FAILS, HOLDS]) == "holds in 2 of 3 seeds"
+    assert agreement(FAILS, [FAILS, FAILS]) == "does not hold in 2 of 2 seeds"
+    assert agreement(UNSURE, [FAILS, HOLDS, HOLDS]) == "seeds: 2 holds, 1 does not hold (of 3)"
+    assert agreement(UNSURE, [UNSURE, UNSURE, FAILS]) == "seeds: 1 does not hold, 2 inconclusive (of 3)"
+    assert unanimous([]) == UNSURE
+    assert unanimous([FAILS]) == FAILS and unanimous([HOLDS, HOLDS, HOLDS]) == HOLDS
+    assert unanimous([HOLDS, HOLDS, FAILS]) == UNSURE and unanimous([FAILS, HOLDS]) == UNSURE
+
+
+def test_rule_helper_the_trains_bar_is_strict_and_needs_a_finite_ok_run():
+    from normfree.study.verdicts import Trains, _bar, chance_loss, trains, trains_rule
+
+    assert chance_loss(10) == pytest.approx(math.log(10)) and chance_loss(2) == pytest.approx(math.log(2))
+    assert _bar(10) == Trains(10, 0.75) and _bar(Trains(100, 0.5)) == Trains(100, 0.5)
+    assert Trains(10).loss == pytest.approx(0.75 * math.log(10))
+    bar = 0.75 * math.log(10)
+    assert trains({"status": "ok", "final_train_loss": bar - 1e-6}, 10)
+    assert trains({"status": "ok", "final_train_loss": 1}, 10)                  # an int loss is a number
+    assert not trains({"status": "ok", "final_train_loss": bar}, 10)           # on the bar is not below it
+    assert not trains({"status": "diverged", "final_train_loss": 0.1}, 10)
+    assert not trains({"status": "ok", "final_train_loss": float("nan")}, 10)
+    assert not trains({"status": "ok", "final_train_loss": None}, 10)
+    assert not trains({"status": "ok"}, 10) and not trains(None, 10) and not trains({}, 10)
+    assert trains_rule(10) == ("a run trains if it did not diverge and its final training loss is below "
+                               "0.75 ln(10) = 1.73")
+
+
+def test_rule_helper_combine_better_and_not_worse_at_their_edges():
+    from normfree.study.verdicts import Interval, better, combine, not_worse
+
+    assert combine(HOLDS, HOLDS) == HOLDS and combine(HOLDS, UNSURE) == UNSURE
+    assert combine(UNSURE, FAILS, HOLDS) == FAILS and combine(FAILS) == FAILS and combine(UNSURE) == UNSURE
+    iv = lambda lo, hi: Interval((lo + hi) / 2, lo, hi, 1, 100)
+    assert better(iv(0.001, 0.05)) == HOLDS and better(iv(0.0, 0.05)) == UNSURE      # a tie is not a win
+    assert better(iv(-0.05, -0.001)) == FAILS and better(iv(-0.05, 0.0)) == UNSURE
+    assert not_worse(iv(-0.029, 0.1), 0.03) == HOLDS and not_worse(iv(-0.03, 0.1), 0.03) == UNSURE
+    assert not_worse(iv(-0.1, -0.031), 0.03) == FAILS and not_worse(iv(-0.1, -0.03), 0.03) == UNSURE
+
+
+def test_rule_helper_pct_and_the_packed_correctness_bits():
+    from normfree.study.verdicts import pct
+
+    assert pct(None) == "-" and pct(float("nan")) == "-" and pct(0.1234) == "12.3%" and pct(1) == "100.0%"
+    bits = [1, 0, 0, 1, 1, 1, 0, 1, 0, 1, 1, 0, 1]                              # 13: not a multiple of 8
+    text = pack_bits(bits)
+    assert text == "9d68" and list(unpack_bits(text, 13)) == bits
+    assert unpack_bits(text, 13).dtype == np.float64
+    with pytest.raises(ValueError, match="holds 16 images, expected 17"):
+        unpack_bits(text, 17)
