@@ -69,7 +69,7 @@ MODULES = {
          "_model_device_dtype", "_input_shape", "_check_input", "_chunks", "_auto_chunk", "_first_conv_channels",
          "_forward", "_stages", "_warn_bn_chunks", "measure_gradients", "path_length_distribution",
          "effective_depth", "_rows", "write_csv", "write_json", "compare_models", "format_table",
-         "_is_torchvision_block", "to_dicts", "column"]),
+         "_is_torchvision_block", "_is_preactivation", "to_dicts", "column"]),
 }
 # the study's verdict rules, once normfree/study/verdicts.py exists
 if (ROOT / "src/normfree/study/verdicts.py").exists():

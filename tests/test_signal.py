@@ -528,3 +528,64 @@ def test_format_table_keeps_long_labels_apart():
     lines = format_table({a: stats, b: stats}).splitlines()
     assert {ln.split()[0] for ln in lines[1:]} == {a, b}
     assert len({len(ln) for ln in lines}) == 1
+
+
+class TimmPostActBottleneck(nn.Module):
+    """timm resnetv2.py's non-pre-activation Bottleneck (conv1 registered before norm1; used by ViT
+    hybrids): f(x) ends with norm3. Written here with timm's attribute names."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.downsample = None
+        self.conv1 = nn.Conv2d(c, c // 4, 1, bias=False)
+        self.norm1 = nn.BatchNorm2d(c // 4)
+        self.conv2 = nn.Conv2d(c // 4, c // 4, 3, 1, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(c // 4)
+        self.conv3 = nn.Conv2d(c // 4, c, 1, bias=False)
+        self.norm3 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = F.relu(self.norm2(self.conv2(y)))
+        return F.relu(x + self.norm3(self.conv3(y)))
+
+
+def _branch_variances(net, x, blocks, name):
+    seen = []
+    hooks = [getattr(b, name).register_forward_hook(
+        lambda _m, _i, o: seen.append(float(o.var(dim=(0, 2, 3), unbiased=False).mean()))) for b in blocks]
+    with torch.no_grad():
+        net.train()(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("basic", [False, True])
+def test_timm_resnetv2_preactivation_blocks_are_found_and_their_branch_ends_with_the_last_conv(basic):
+    from foreign_resnets import PreActBasic, PreActBottleneck, TimmResNetV2
+
+    torch.manual_seed(0)
+    net = TimmResNetV2([2, 1], channels=(32, 64), stem_chs=16, basic=basic, num_classes=10)
+    blocks = find_blocks(net)
+    kind = PreActBasic if basic else PreActBottleneck
+    assert len(blocks) == 3 and all(type(b) is kind for b in blocks)
+    x = torch.randn(8, 3, 32, 32)
+    last = "conv2" if basic else "conv3"
+    want = _branch_variances(net, x, blocks, last)
+    stats = measure_signal(net, x)
+    assert [r.name for r in stats] == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0"]
+    assert [r.res_var for r in stats] == pytest.approx(want, rel=1e-4)
+    # pre-activation BN: the block input keeps growing, the branch (after its BN-normalized input) does not
+    assert stats[1].var > stats[0].var
+
+
+def test_a_post_activation_timm_bottleneck_branch_ends_with_norm3():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), TimmPostActBottleneck(16), TimmPostActBottleneck(16))
+    blocks = find_blocks(net)
+    assert blocks == [net[1], net[2]]
+    x = torch.randn(8, 3, 8, 8)
+    want = _branch_variances(net, x, blocks, "norm3")
+    stats = measure_signal(net, x)
+    assert [r.res_var for r in stats] == pytest.approx(want, rel=1e-4) and want[0] == pytest.approx(1.0, abs=0.01)

@@ -19,12 +19,14 @@ spatial positions, per channel, then averaged over channels.
 How blocks are found (``blocks=None``): every :class:`normfree.blocks.ResidualBlock`
 of the model; otherwise the blocks made by :func:`normfree.convert` (``ConvertedBlock``,
 ``SkipGain``; their branch is their ``branch_out``); otherwise torchvision/timm-style blocks, i.e. the outermost
-modules that have ``conv1`` and ``conv2`` children and a ``bn2`` or ``bn3``
-child. The residual branch f(x) of a block is: for ``ResidualBlock`` the output
+modules that have ``conv1`` and ``conv2`` children and a ``bn2``, ``bn3``, ``norm2``
+or ``norm3`` child (torchvision and timm ResNets, timm ResNetV2). The residual branch
+f(x) of a block is: for ``ResidualBlock`` the output
 of ``block.branch_out``, through which f passes on the block's reference path
 (the model is run :func:`~normfree.blocks.unfolded` while measuring: the same
-outputs, every scalar applied step by step); for torchvision/timm blocks the output of ``se`` if present, else ``bn3``, else
-``bn2``; for other blocks the module given in ``branches={block: module}``,
+outputs, every scalar applied step by step); for torchvision/timm blocks the output of ``se`` if present, else
+of the last norm (``bn3``, ``bn2``, ``norm3``, ``norm2``), or, for pre-activation blocks (timm's ResNetV2:
+``norm1`` registered before ``conv1``), of the last conv (``conv3``, else ``conv2``); for other blocks the module given in ``branches={block: module}``,
 else unknown (``res_var=None``). The skip path is ``block.shortcut`` /
 ``block.downsample`` (the block input when that attribute is ``None``).
 
@@ -218,8 +220,17 @@ class _Moments:
 # finding blocks, branches and skips
 # --------------------------------------------------------------------------
 def _is_torchvision_block(m: nn.Module) -> bool:
+    """torchvision / timm ResNet blocks (conv1, conv2, bn2 or bn3) and timm ResNetV2
+    blocks (conv1, conv2, norm2 or norm3; pre-activation or not)."""
     kids = dict(m.named_children())
-    return "conv1" in kids and "conv2" in kids and ("bn2" in kids or "bn3" in kids)
+    return "conv1" in kids and "conv2" in kids and any(n in kids for n in ("bn2", "bn3", "norm2", "norm3"))
+
+
+def _is_preactivation(block: nn.Module) -> bool:
+    """timm's ResNetV2 PreActBasic / PreActBottleneck register ``norm1`` before ``conv1``
+    (the norm acts on the block input); its post-activation Bottleneck registers it after."""
+    names = [n for n, _ in block.named_children()]
+    return "norm1" in names and "conv1" in names and names.index("norm1") < names.index("conv1")
 
 
 def find_blocks(model: nn.Module) -> List[nn.Module]:
@@ -251,7 +262,9 @@ def _default_branch(block: nn.Module) -> Optional[nn.Module]:
     se = getattr(block, "se", None)
     if isinstance(se, nn.Module) and not isinstance(se, nn.Identity):
         return se
-    for name in ("bn3", "bn2"):
+    # pre-activation: f(x) ends with its last conv; otherwise with the norm after it
+    last = ("conv3", "conv2") if _is_preactivation(block) else ("bn3", "bn2", "norm3", "norm2")
+    for name in last:
         m = getattr(block, name, None)
         if isinstance(m, nn.Module):
             return m
