@@ -319,8 +319,8 @@ class Runner:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(now=exc_type is not None)
 
     def start_pool(self) -> cf.ProcessPoolExecutor:
         if self.pool is None:
@@ -328,10 +328,16 @@ class Runner:
                                                initializer=init_worker, initargs=(self.threads,))
         return self.pool
 
-    def close(self) -> None:
-        """Stop the workers now (a running run is lost; finished ones are stored)."""
+    def close(self, now: bool = True) -> None:
+        """Stop the workers: ``now`` (an error or an interrupt) terminates them at once (a running run
+        is lost; finished ones are stored); otherwise, with every run done, they exit on their own and
+        the pool's queues are closed cleanly (terminated workers left the resource tracker warning
+        of leaked semaphores at exit)."""
         pool, self.pool = self.pool, None
         if pool is None:
+            return
+        if not now:
+            pool.shutdown(wait=True)
             return
         procs = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
