@@ -273,8 +273,8 @@ def add_study(sub) -> None:
     size.add_argument("--quick", action="store_const", dest="preset", const="quick",
                       help="the same pipeline at tiny sizes: a smoke test (used by the tests); no evidence")
     size.add_argument("--cifar10", action="store_const", dest="preset", const="cifar10",
-                      help="the CIFAR-10 preset (also chosen by --data cifar10): about 90 min on 2 CPU cores "
-                           "(--plan estimates 1h27m; see the README for the measured time); "
+                      help="the CIFAR-10 preset (also chosen by --data cifar10): about 1h30m on 2 CPU cores "
+                           "(measured: 1h32m from a fresh clone; --plan estimates 1h27m); "
                            "needs --data-dir DIR holding cifar-10-batches-py, or --download")
     size.add_argument("--full", action="store_const", dest="preset", const="full",
                       help="the papers' scale: CIFAR-10 (needs --data-dir or --download), WRN up to depth 1000; "

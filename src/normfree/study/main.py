@@ -105,7 +105,7 @@ def run_study(preset: str = "default", out: str = "runs/study", *, data: Optiona
 
     Args:
         preset: "quick" (a smoke test), "default" (built-in digits, <= 20 min on 2 CPU cores), "cifar10"
-            (about 90 min on 2 CPU cores, ``--plan`` estimates 1h27m, the README gives the measured time;
+            (about 1h30m on 2 CPU cores: 1h32m measured from a fresh clone, ``--plan`` estimates 1h27m;
             also chosen by ``data="cifar10"``) or "full" (the papers' scale,
             for a GPU). See ``normfree.study.PRESET_TEXT``.
         data, data_dir, download: the data set (default: the preset's), where its files are, and whether

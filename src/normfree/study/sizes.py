@@ -20,8 +20,8 @@ PRESET_TEXT = {
     "quick": "a smoke test of the whole pipeline at tiny sizes (seconds to a minute); its verdicts carry no "
              "evidence",
     "default": "the built-in 8x8 digits, <= 20 minutes on 2 CPU cores, includes the 1,000-layer claim",
-    "cifar10": "CIFAR-10 (32x32 RGB, real images), about 90 minutes on 2 CPU cores (--plan estimates 1h27m; "
-               "the measured time is in the README)",
+    "cifar10": "CIFAR-10 (32x32 RGB, real images), about 1h30m on 2 CPU cores (1h32m measured from a fresh "
+               "clone; short training runs: see the README for what they can and cannot show)",
     "full": "the papers' scale (CIFAR-10, WRN up to depth 1000, hundreds of epochs); meant for a GPU",
 }
 
