@@ -1037,3 +1037,54 @@ def test_rule_helper_pct_and_the_packed_correctness_bits():
     assert unpack_bits(text, 13).dtype == np.float64
     with pytest.raises(ValueError, match="holds 16 images, expected 17"):
         unpack_bits(text, 17)
+
+
+def test_rule_helper_interval_text_and_fmt_exponents():
+    from normfree.study.verdicts import Interval, fmt
+
+    assert Interval(0.0123, -0.004, 0.029, 2, 5000).text("bn", "skipinit") == \
+        "bn - skipinit = +1.2 points (95% interval -0.4 to +2.9; 2 seeds x 5000 test images)"
+    assert Interval(-0.05, -0.08, -0.02, 1, 360).text() == \
+        "a - b = -5.0 points (95% interval -8.0 to -2.0; 1 seed x 360 test images)"
+    assert fmt(1000.0) == "1.00e+03" and fmt(1200.0) == "1.20e+03" and fmt(999.0) == "999"
+
+
+def test_rule_helper_bootstrap_inputs_one_image_1d_and_bool():
+    one = paired_bootstrap(np.array([[1.0]]), np.array([[0.0]]), resamples=50)
+    assert (one.diff, one.lo, one.hi, one.seeds, one.images) == (1.0, 1.0, 1.0, 1, 1)
+    a = np.array([1, 0, 1, 1, 0, 1, 0, 1], dtype=bool)
+    b = np.array([0, 0, 1, 0, 0, 1, 0, 0], dtype=bool)
+    flat = paired_bootstrap(a, b, resamples=300, seed=3)                      # 1-d, bool: one seed
+    assert flat == paired_bootstrap(a[None].astype(float), b[None].astype(float), resamples=300, seed=3)
+    assert flat.diff == pytest.approx(3 / 8) and flat.seeds == 1 and flat.images == 8
+    # every image can be drawn: only image 0 differs, so some resamples see it and some do not
+    iv = paired_bootstrap(np.array([[1.0, 0, 0, 0]]), np.zeros((1, 4)), resamples=400, seed=0)
+    assert iv.lo == 0.0 and iv.hi >= 0.5
+
+
+def test_rule_helper_bootstrap_interval_has_its_level_and_survives_chunking():
+    """One seed, n images, d = a - b with sd s: the 95% percentile interval is about
+    diff +- 1.96 s / sqrt(n). Large enough input that the resamples are drawn in chunks."""
+    rng = np.random.default_rng(1)
+    n = 2500
+    a = (rng.random((2, n)) < 0.7).astype(float)
+    b = (rng.random((2, n)) < 0.6).astype(float)
+    iv = paired_bootstrap(a, b, resamples=4000, seed=0)                        # 4000 x 5000 > 4e6: 3+ chunks
+    d = a - b
+    # two-stage bootstrap over 2 seeds: the variance of the mean of seed means (seeds drawn, images drawn)
+    seed_means = d.mean(axis=1)
+    sd = math.sqrt(seed_means.var() / 2 + (d.var(axis=1).mean()) / (2 * n))
+    assert iv.lo < iv.diff < iv.hi and iv.diff == pytest.approx(d.mean())
+    assert (iv.hi - iv.lo) == pytest.approx(2 * 1.96 * sd, rel=0.08)
+    one = paired_bootstrap(a[:1], b[:1], resamples=20000, seed=0)
+    sd1 = d[0].std() / math.sqrt(n)
+    assert (one.hi - one.lo) == pytest.approx(2 * 1.96 * sd1, rel=0.04)
+    assert paired_bootstrap(a[:1], b[:1], resamples=20000, seed=0, level=0.5).hi - \
+        paired_bootstrap(a[:1], b[:1], resamples=20000, seed=0, level=0.5).lo == \
+        pytest.approx(2 * 0.674 * sd1, rel=0.05)
+
+
+def test_rule_helper_pack_bits_takes_bools_ints_and_floats():
+    for bits in ([True, False, True], [1, 0, 1], [1.0, 0.0, 1.0], np.array([1, 0, 1], dtype=np.uint8)):
+        assert pack_bits(bits) == "a0", bits
+    assert pack_bits([2, 0, 0, 0, 0, 0, 0, 1]) == "81"                       # any nonzero is "correct"
