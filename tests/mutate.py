@@ -100,6 +100,16 @@ EQUIVALENT = {
     "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_7": "forward slices by the pool's stride; its kernel size is never used",
     "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_11": "forward slices by the pool's stride; its kernel size is never used",
     "normfree.blocks.xǁPoolPadShortcutǁ__init____mutmut_12": "stride 1 through the pool branch slices by 1: the same tensor",
+    **{f"normfree.study.verdicts.x_fmt__mutmut_{i}": "the branch sees only inf, -inf and nan: comparing them with "
+       "0 or 1, strictly or not, gives the same words" for i in (20, 21, 26, 27)},
+    "normfree.study.verdicts.x_grid_note__mutmut_21": "a 1-point grid takes the 'top of the grid' branch first",
+    "normfree.study.verdicts.x_linear_r2__mutmut_14": "float('NAN') is nan",
+    "normfree.study.verdicts.x_unpack_bits__mutmut_9": "astype(None) is float64, the same as astype(np.float64)",
+    **{f"normfree.study.verdicts.x_paired_bootstrap__mutmut_{i}": "the chunk size only bounds memory (and which "
+       "draws go to which resample), not the distribution of the interval" for i in (35, 46)},
+    "normfree.study.verdicts.x_paired_bootstrap__mutmut_67": "rng.integers(n) draws from [0, n) like rng.integers(0, n)",
+    "normfree.study.verdicts.x_paired_bootstrap__mutmut_77": "with one seed a duplicated seed index 0 averages the "
+    "same row twice: the same mean",
 }
 
 WORK = ROOT / "runs" / "mutate"

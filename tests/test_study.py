@@ -954,6 +954,7 @@ def test_rule_helper_grid_note_names_the_grid_edges():
     assert grid_note(0.05, grid) == "0.05 (bottom of the grid)"
     assert grid_note(0.2, grid) == "0.2"
     assert grid_note(0.4, [0.4]) == "0.4 (top of the grid: the true limit may be higher)"  # a 1-point grid
+    assert grid_note(0.1, [0.4, 0.1]) == "0.1 (bottom of the grid)"                         # a 2-point grid
 
 
 def test_rule_helper_linear_r2_matches_numpy():
