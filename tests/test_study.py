@@ -778,6 +778,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """``pid`` has a handler for ``signum`` (a worker inside a training run: its loop catches SIGTERM)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (signum - 1) & 1)
+
+
 def _workers(parent: int):
     out = []
     for d in os.listdir("/proc"):
@@ -819,12 +829,18 @@ def test_killing_the_study_stops_its_workers(tmp_path, signame):
             time.sleep(0.5)
             workers = _workers(proc.pid)
         assert len(workers) == 2, proc.communicate(timeout=60) if proc.poll() is not None else "no workers"
-        time.sleep(2)  # the workers are past their start (see the closing note of session 3 on this timing)
+        while time.time() < deadline and not all(_catches(w, signal.SIGTERM) for w in workers):
+            time.sleep(0.1)
+        assert all(_catches(w, signal.SIGTERM) for w in workers), "the workers did not start training"
+        time.sleep(0.5)  # inside their training loops
         os.kill(proc.pid, getattr(signal, signame))
         code = proc.wait(timeout=120)
         if signame != "SIGKILL":
             err = proc.stderr.read()
             assert code == 128 + getattr(signal, signame) and "interrupted" in err, err
+            # the workers were killed, not asked to finish a step and write a checkpoint they do not have;
+            # the pool's queues were closed (no resource-tracker warning of leaked semaphores)
+            assert "finishing this step" not in err and "leaked" not in err and "Traceback" not in err, err
         deadline = time.time() + 30
         while time.time() < deadline and any(_alive(p) for p in workers):
             time.sleep(0.2)

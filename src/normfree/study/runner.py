@@ -329,10 +329,12 @@ class Runner:
         return self.pool
 
     def close(self, now: bool = True) -> None:
-        """Stop the workers: ``now`` (an error or an interrupt) terminates them at once (a running run
-        is lost; finished ones are stored); otherwise, with every run done, they exit on their own and
-        the pool's queues are closed cleanly (terminated workers left the resource tracker warning
-        of leaked semaphores at exit)."""
+        """Stop the workers. ``now`` (an error or an interrupt): they are killed at once (SIGKILL: a
+        worker's training loop would take SIGTERM as a request to finish its step and write a
+        checkpoint, and could start the next queued run meanwhile); the running runs are lost, finished
+        ones are stored. Then the pool's manager thread is given a few seconds to notice and close the
+        queues (the resource tracker warns at exit of the semaphores of queues left open). Otherwise,
+        with every run done, the workers exit on their own and the pool is shut down cleanly."""
         pool, self.pool = self.pool, None
         if pool is None:
             return
@@ -340,15 +342,15 @@ class Runner:
             pool.shutdown(wait=True)
             return
         procs = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
+        manager = getattr(pool, "_executor_manager_thread", None)
         for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=5)
             if p.is_alive():
                 p.kill()
-                p.join(timeout=5)
+        for p in procs:
+            p.join(timeout=10)
+        pool.shutdown(wait=False, cancel_futures=True)
+        if manager is not None:
+            manager.join(timeout=10)  # bounded: never hang an interrupted study on the pool's internals
 
     def cached(self, spec: RunSpec) -> Optional[dict]:
         return self.store.get(spec.key, spec.identity(), spec.task)
