@@ -115,6 +115,40 @@ CORRUPTIONS = {
     "optimizer_of_another_model": (lambda p, m: _edit(p, lambda ck: ck.update(
         optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1).state_dict())),
         "corrupt or inconsistent", None),
+    "classifier_of_another_width": (lambda p, m: _edit(p, _set_config("width", 2)), "configuration differs",
+                                    "gives the classifier 128 input features, its weights (10, 64)"),
+    "classifier_not_a_matrix": (lambda p, m: _edit(p, lambda ck: ck["model"].update(
+        {"fc.weight": ck["model"]["fc.weight"].flatten()})), "corrupt or inconsistent",
+        "gives the classifier 64 input features, its weights (640,)"),
+    "epoch_disagrees_with_step": (lambda p, m: _edit(p, lambda ck: ck.update(epoch=5)), "corrupt or inconsistent",
+                                  None),
+    "accuracy_history_missing": (lambda p, m: _edit(p, lambda ck: ck.pop("acc_hist")), "corrupt or inconsistent",
+                                 None),
+    "loss_history_of_integers": (lambda p, m: _edit(p, lambda ck: ck.update(loss_hist=torch.zeros(2, dtype=torch.long))),
+                                 "corrupt or inconsistent", None),
+    "optimizer_not_a_dict": (lambda p, m: _edit(p, lambda ck: ck.update(optimizer=[1, 2])),
+                             "corrupt or inconsistent", None),
+}
+
+# what the one line says is wrong (in both errors, where the file gets that far): the reason, not just "cannot read"
+REASONS = {
+    "empty": "the file is empty or truncated",
+    "truncated": "its zip archive is incomplete",
+    "random_bytes": "not a checkpoint file (unreadable data: pickle operand",
+    "malicious_zip": "it refers to the Python object posix.mkdir, which is never loaded",
+    "malicious_legacy": "it refers to the Python object posix.mkdir, which is never loaded",
+    "plain_pickle": "not a checkpoint file (unreadable data: pickle operand",
+    "foreign_torch_file": "(it holds a dict with keys ['weights'])",
+    "a_list": "(it holds a list)",
+    "config_not_json": "its JSON entries do not decode",
+    "model_not_tensors": "its 'model' entry is not a dict of named tensors",
+    "negative_step": "must be integers >= 0, got -3/",
+    "loss_history_short": "loss_hist must hold one number per step (2)",
+    "rng_state_garbage": "its RNG state is missing or not a byte tensor",
+    "epoch_disagrees_with_step": "step 2 is not epoch 5 x",
+    "accuracy_history_missing": "it has no 'acc_hist' entry",
+    "loss_history_of_integers": "loss_hist must hold one number per step (2)",
+    "optimizer_not_a_dict": "its optimizer state is not a dict",
 }
 
 
@@ -129,12 +163,14 @@ def test_bad_checkpoint_is_refused_in_one_line(name, stopped_run, tmp_path, caps
     # train --resume: refused before the data are loaded
     def no_data(*a, **k):
         raise AssertionError("the data were loaded before the checkpoint was checked")
-    if name not in ("optimizer_of_another_model", "weight_missing"):  # (those need the model, built after the data)
+    if name not in ("optimizer_of_another_model", "weight_missing", "classifier_not_a_matrix"):  # (those need the
+        # model, built after the data)
         monkeypatch.setattr("normfree.data.load_dataset", no_data)
     assert main(["train", "--out", run, "--resume", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("normfree train: error: ") and err.count("\n") == 1, err
     assert resume_msg in err and ckpt in err, err
+    assert REASONS.get(name, "") in err, err
     assert "weights_only" not in err  # no advice to load the file unsafely
     assert not os.path.exists(marker)  # nothing in the file ran
 
@@ -143,6 +179,7 @@ def test_bad_checkpoint_is_refused_in_one_line(name, stopped_run, tmp_path, caps
         err = capsys.readouterr().err
         assert err.startswith("normfree export: error: ") and err.count("\n") == 1, err
         assert export_msg in err and ckpt in err, err
+        assert REASONS.get(name, "") in err, err
         assert "weights_only" not in err
     assert not os.path.exists(marker)
     assert not os.path.exists(os.path.join(run, "model.pt2"))
@@ -240,3 +277,45 @@ def test_fingerprint_is_stored_and_old_checkpoints_still_resume(digits, tmp_path
 def test_load_model_of_a_consistent_checkpoint(stopped_run):
     model = normfree.load_model(stopped_run)
     assert len(model.blocks) == 3 and not model.training
+
+
+def test_a_load_failure_is_told_in_one_short_line_without_the_advice_to_load_unsafely():
+    """The reason torch.load gave, shortened: its lines joined with "; ", the lines
+    that advise weights_only=False dropped, at most 300 characters."""
+    from normfree.train.checkpoint import _load_failure, one_line
+
+    advice = RuntimeError("Weights only load failed.\n  bad tag 7 in the stream  \n"
+                          "Re-running with weights_only set to False will likely succeed.\n"
+                          "Please file an issue with the following so that we can make it work.\n"
+                          "Check the documentation of torch.load to learn more.\n"
+                          "Do it only if you got the file from a trusted source.\nmore detail")
+    assert _load_failure(advice) == "Weights only load failed.; bad tag 7 in the stream; more detail"
+    assert _load_failure(RuntimeError("x" * 400)) == "x" * 300
+    assert _load_failure(RuntimeError("weights_only\nPyTorch")) == "RuntimeError"  # nothing left: the type
+    assert _load_failure(RuntimeError("   ")) == "the file is empty or truncated"
+    assert _load_failure(EOFError("Ran out of input")) == "the file is empty or truncated"
+    assert _load_failure(RuntimeError("failed finding central directory")).startswith("truncated or damaged")
+    assert _load_failure(RuntimeError("not a zip archive")).startswith("truncated or damaged")
+    assert _load_failure(RuntimeError("Unsupported operand 42")).endswith("(unreadable data: pickle operand 42)")
+    assert "object os.system," in _load_failure(RuntimeError("Unsupported global: GLOBAL os.system was not"))
+    assert _load_failure(RuntimeError('Expected hasRecord("version") to be true')).endswith("'version' record)")
+
+    assert one_line(RuntimeError("Error(s) in loading:\n\n\tMissing key(s): a.\n\tUnexpected: b.")) == \
+        "Error(s) in loading: Missing key(s): a. Unexpected: b."
+    assert one_line(ValueError("")) == "ValueError"
+    assert one_line(ValueError("y" * 300)) == "y" * 300               # at the limit: whole
+    cut = one_line(ValueError("y" * 301))
+    assert cut == "y" * 297 + "..." and len(cut) == 300
+    assert one_line(ValueError("abcdefgh"), limit=6) == "abc..."
+
+
+def test_a_zip_that_is_not_a_checkpoint_is_refused_with_the_reason(tmp_path):
+    import zipfile
+
+    path = tmp_path / "checkpoint.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/readme.txt", "hello")
+    with pytest.raises(ValueError, match=r"cannot read .*checkpoint.pt: not a checkpoint file "
+                                         r"\(a zip archive without torch's 'version' record\)") as e:
+        load_checkpoint(str(tmp_path))
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)

@@ -66,6 +66,9 @@ def _load_failure(e: BaseException) -> str:
     m = re.search(r"Unsupported operand (\d+)", text)
     if m:
         return f"not a checkpoint file (unreadable data: pickle operand {m.group(1)})"
+    m = re.search(r'hasRecord\("([^"]+)"\)', text)
+    if m:  # a zip archive, but not torch's layout (torch's one line ends in "please report ... to PyTorch")
+        return f"not a checkpoint file (a zip archive without torch's {m.group(1)!r} record)"
     skip = ("weights_only", "PyTorch", "Please file", "Check the documentation", "trusted source")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not any(s in ln for s in skip)]
     return "; ".join(lines)[:300] or type(e).__name__
