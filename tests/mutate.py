@@ -59,9 +59,9 @@ MODULES = {
         "or drop_path_drops or step_by_step or he_gain"]),
     "checkpoint": ("src/normfree/train/checkpoint.py", [
         "tests/test_resume.py", "tests/test_train.py", "tests/test_export.py", "tests/test_user_training.py",
-        "tests/test_faults.py", "-k", "test_resume or (test_train and (divergence or checkpoint)) "
-        "or load_model or export_and_load or registered_model_weights or disk_full_while_checkpointing "
-        "or without_checkpoint or did_not_finish or run_diverged"]),
+        "tests/test_faults.py", "tests/test_factory.py", "-k", "test_resume or (test_train and (divergence or "
+        "checkpoint)) or load_model or export_and_load or registered_model_weights or disk_full_while_checkpointing "
+        "or without_checkpoint or did_not_finish or run_diverged or converted_factory_model"]),
     # the statistics (not the plumbing around them: file writers, tables, block discovery)
     "signal_stats": ("src/normfree/signal.py", [
         "tests/test_signal.py", "-k", "direct_computation or chunked or predictions_follow or nf_predictions "

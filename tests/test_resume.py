@@ -319,3 +319,88 @@ def test_a_zip_that_is_not_a_checkpoint_is_refused_with_the_reason(tmp_path):
                                          r"\(a zip archive without torch's 'version' record\)") as e:
         load_checkpoint(str(tmp_path))
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_model_rebuilds_a_run_of_another_shape_on_the_device_asked(tmp_path):
+    """A sized name (depth and width in the name, none given), 2 classes, RGB: the model
+    comes back with that layout and the trained weights, its input record as
+    pretrained_cfg, on the device map_location names."""
+    data = write_pngs(tmp_path / "imgs")
+    out = str(tmp_path / "run")
+    res = train(TrainConfig(model="skipinit_wrn_10_2", data="folder", data_dir=data, image_size=8, batch_size=8,
+                            steps=2, lr=0.05, progress=False, out=out))
+    model = normfree.load_model(out)
+    assert (model.fc.out_features, model.fc.in_features, model.stem[0].in_channels) == (2, 128, 3)
+    assert len(model.blocks) == 3 and not model.training
+    assert_same_weights(model, res.model)
+    cfg = model.pretrained_cfg
+    assert cfg["architecture"] == "skipinit_wrn_10_2" and cfg["input_size"] == (3, 8, 8)
+    assert cfg["label_names"] == ["a", "b"] and cfg["file"] == os.path.join(out, "checkpoint.pt")
+    on_meta = normfree.load_model(out, map_location="meta")
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    seen = []
+    normfree.load_model(out, map_location=lambda storage, where: seen.append(where) or storage)
+    assert seen and set(seen) == {"cpu"}  # a callable goes to torch.load
+
+
+def test_a_finished_run_resumed_with_its_length_is_left_as_it_is(stopped_run, tmp_path):
+    run = copy_run(stopped_run, tmp_path / "run")
+    assert main(["train", "--out", run, "--resume", "--no-progress"]) == 0
+    weights = load_checkpoint(run)["model"]
+    assert main(["train", "--out", run, "--resume", "--no-progress"]) == 0  # step 6 of 6: nothing to do
+    again = load_checkpoint(run)
+    assert again["step"] == 6 and all(torch.equal(weights[k], v) for k, v in again["model"].items())
+
+
+def test_check_resumable_names_every_schedule_change_and_hints_only_for_the_length():
+    from normfree.train import check_resumable
+
+    cfg = TrainConfig(**TINY, steps=6)
+    sched = {"lr": 0.05, "schedule": "cosine", "total_steps": 6, "warmup_steps": 0, "milestones": [],
+             "lr_gamma": 0.1}
+    ckpt = {"path": "/runs/x/checkpoint.pt", "config": cfg.to_dict(), "steps_per_epoch": 2, "data": {"d": 1},
+            "schedule": dict(sched), "step": 2}
+    assert check_resumable(ckpt, cfg, 2, {"d": 1}, dict(sched)) is None  # the same run: no note
+    with pytest.raises(ValueError) as e:
+        check_resumable(ckpt, cfg, 2, {"d": 1}, dict(sched, lr=0.1, total_steps=8))
+    msg = str(e.value)
+    assert msg.startswith("cannot resume /runs/x/checkpoint.pt: the learning-rate schedule would change (")
+    assert "(lr 0.05 -> 0.1, total_steps 6 -> 8)" in msg and "--reschedule" not in msg
+    with pytest.raises(ValueError, match=r"\(total_steps 6 -> 8\): .* pass --reschedule to recompute"):
+        check_resumable(ckpt, cfg, 2, {"d": 1}, dict(sched, total_steps=8))
+    with pytest.raises(ValueError, match="cannot resume /runs/x/checkpoint.pt: it has done 2 steps, more than the 1"):
+        check_resumable(ckpt, cfg, 2, {"d": 1}, dict(sched, total_steps=1))
+    assert check_resumable(dict(ckpt, step=6), cfg, 2, {"d": 1}, dict(sched)) is None  # finished: allowed
+    longer = TrainConfig(**TINY, steps=8, reschedule=True)
+    note = check_resumable(ckpt, longer, 2, {"d": 1}, dict(sched, total_steps=8))
+    assert note == ("note: the run's length changes from 6 to 8 steps; the cosine schedule is recomputed from "
+                    "step 2 on")
+    constant = dict(sched, schedule="constant")
+    flat = TrainConfig(**TINY, steps=6, schedule="constant")
+    note = check_resumable(dict(ckpt, config=flat.to_dict(), schedule=constant), flat, 2, {"d": 1},
+                           dict(constant, total_steps=8))
+    assert note == "note: the run's length changes from 6 to 8 steps"
+
+
+def test_check_same_config_names_every_difference_and_compares_the_scalar_lr_in_effect():
+    from normfree.train.checkpoint import check_same_config
+
+    fixup = dict(TINY, model="fixup_wrn")
+    stored = TrainConfig(**fixup).to_dict()
+    ckpt = {"path": "/runs/f/checkpoint.pt", "config": dict(stored, scalar_lr_mult=None)}
+    check_same_config(ckpt, TrainConfig(**fixup))                          # default 0.1 both times
+    check_same_config(ckpt, TrainConfig(**fixup, scalar_lr_mult=0.1))     # the same multiplier, now explicit
+    check_same_config({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "scalar_lr_mult"}},
+                      TrainConfig(**fixup))                                # an older checkpoint without the field
+    with pytest.raises(ValueError) as e:
+        check_same_config(ckpt, TrainConfig(**dict(fixup, lr=0.1, batch_size=16), scalar_lr_mult=1.0))
+    assert str(e.value) == ("cannot resume /runs/f/checkpoint.pt: the configuration differs: "
+                            "batch_size=32 (checkpoint) vs 16 (now), lr=0.05 (checkpoint) vs 0.1 (now), "
+                            "scalar_lr_mult=0.1 (checkpoint) vs 1.0 (now)")
+    plain = {"path": "p", "config": dict(TrainConfig(**TINY).to_dict(), scalar_lr_mult=None)}
+    check_same_config(plain, TrainConfig(**TINY, scalar_lr_mult=1.0))     # 1 is the default of other methods
+    with pytest.raises(ValueError, match=r"scalar_lr_mult=2.0 \(checkpoint\) vs 1.0 \(now\)"):
+        check_same_config({"path": "p", "config": dict(plain["config"], scalar_lr_mult=2)}, TrainConfig(**TINY))
+    spec = dict(TINY, model="user_models:fixup_net", depth=None, width=None)  # not a registered name: 1
+    check_same_config({"path": "p", "config": dict(TrainConfig(**spec).to_dict(), scalar_lr_mult=None)},
+                      TrainConfig(**spec, scalar_lr_mult=1.0))

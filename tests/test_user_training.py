@@ -266,6 +266,26 @@ def test_load_model_of_a_passed_module_needs_a_factory(module_run):
         assert not model.training and same_weights(model, res.model)
     with pytest.raises(ValueError, match="do not fit the model that user_models:TinyCNN builds"):
         load_model(out, factory="user_models:TinyCNN")
+    ckpt = os.path.join(out, "checkpoint.pt")
+    for factory in (None, TinyCNN):  # the errors name the file, and a class by its importable name
+        with pytest.raises(ValueError) as e:
+            load_model(out, factory=factory)
+        assert str(e.value).startswith(ckpt if factory is None else f"the weights in {ckpt} do not fit the model "
+                                       "that user_models:TinyCNN builds ("), str(e.value)
+
+
+def test_load_model_of_a_factory_run_calls_it_again_with_its_options(digits, tmp_path):
+    train_ds, _ = digits
+    out = str(tmp_path / "opts")
+    res = train(cfg(model="user_models:tiny_cnn", model_options={"width": 4}, steps=2, out=out), dataset=train_ds)
+    model = load_model(out)  # no factory needed: the spec and its options are stored
+    assert isinstance(model, TinyCNN) and same_weights(model, res.model)
+    got = []
+
+    def factory(num_classes, in_chans, width):  # a factory given also gets the run's options
+        got.append((num_classes, in_chans, width))
+        return tiny_cnn(num_classes, in_chans, width=width)
+    assert same_weights(load_model(out, factory=factory), res.model) and got == [(10, 1, 4)]
 
 
 def test_safetensors_round_trip_equals_the_model(module_run, tmp_path):

@@ -231,12 +231,20 @@ def load_model(path: str, map_location="cpu", factory: Optional[Factory] = None)
     checkpoint (``checkpoint.pt``, or the run directory holding it; loaded with
     ``weights_only=True``) or a weights file (``model.safetensors``). Models
     passed to ``train`` as objects need ``factory`` (see
-    :func:`model_from_checkpoint`)."""
+    :func:`model_from_checkpoint`).
+
+    ``map_location``: the device the model is returned on (``"cuda"``,
+    ``torch.device(...)``); the weights are read on the CPU and the model built
+    there, then moved. A callable or dict is passed to ``torch.load`` as is
+    (checkpoint files only; a weights file is read on the CPU)."""
     from .weights import load_weights, weights_path
 
+    device = map_location if isinstance(map_location, (str, torch.device)) else None
+    where = "cpu" if device is not None else map_location
     wpath = weights_path(path)
-    ckpt = load_weights(wpath, map_location) if wpath else load_checkpoint(path, map_location)
-    return model_from_checkpoint(ckpt, factory)
+    ckpt = load_weights(wpath) if wpath else load_checkpoint(path, where)
+    model = model_from_checkpoint(ckpt, factory)
+    return model.to(device) if device is not None else model
 
 
 def check_state(ckpt: Dict[str, Any]) -> None:
