@@ -164,10 +164,15 @@ def _skip_functions(path: Path, names) -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in names:
             first = min([node.lineno] + [d.lineno for d in node.decorator_list])
             spans.append((first, node.end_lineno, node.col_offset))
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    at_end = any(last >= len(lines) for _, last, _ in spans)
     for first, last, col in sorted(spans, reverse=True):  # bottom-up: earlier line numbers stay valid
         pad = " " * col
         lines.insert(last, f"{pad}# pragma: no mutate end\n")
         lines.insert(first - 1, f"{pad}# pragma: no mutate start\n")
+    if at_end:  # mutmut does not see a comment after the module's last statement: give it one
+        lines.append("pass\n")
     path.write_text("".join(lines))
 
 

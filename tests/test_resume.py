@@ -371,6 +371,8 @@ def test_check_resumable_names_every_schedule_change_and_hints_only_for_the_leng
     with pytest.raises(ValueError, match="cannot resume /runs/x/checkpoint.pt: it has done 2 steps, more than the 1"):
         check_resumable(ckpt, cfg, 2, {"d": 1}, dict(sched, total_steps=1))
     assert check_resumable(dict(ckpt, step=6), cfg, 2, {"d": 1}, dict(sched)) is None  # finished: allowed
+    with pytest.raises(ValueError, match=r"^cannot resume \?: 2 steps per epoch in the checkpoint, 3 now"):
+        check_resumable({k: v for k, v in ckpt.items() if k != "path"}, cfg, 3, {"d": 1}, dict(sched))
     longer = TrainConfig(**TINY, steps=8, reschedule=True)
     note = check_resumable(ckpt, longer, 2, {"d": 1}, dict(sched, total_steps=8))
     assert note == ("note: the run's length changes from 6 to 8 steps; the cosine schedule is recomputed from "
@@ -399,8 +401,60 @@ def test_check_same_config_names_every_difference_and_compares_the_scalar_lr_in_
                             "scalar_lr_mult=0.1 (checkpoint) vs 1.0 (now)")
     plain = {"path": "p", "config": dict(TrainConfig(**TINY).to_dict(), scalar_lr_mult=None)}
     check_same_config(plain, TrainConfig(**TINY, scalar_lr_mult=1.0))     # 1 is the default of other methods
-    with pytest.raises(ValueError, match=r"scalar_lr_mult=2.0 \(checkpoint\) vs 1.0 \(now\)"):
-        check_same_config({"path": "p", "config": dict(plain["config"], scalar_lr_mult=2)}, TrainConfig(**TINY))
+    with pytest.raises(ValueError, match=r"^cannot resume \?: .*scalar_lr_mult=2.0 \(checkpoint\) vs 1.0 \(now\)"):
+        check_same_config({"config": dict(plain["config"], scalar_lr_mult=2)}, TrainConfig(**TINY))  # no path: ?
     spec = dict(TINY, model="user_models:fixup_net", depth=None, width=None)  # not a registered name: 1
     check_same_config({"path": "p", "config": dict(TrainConfig(**spec).to_dict(), scalar_lr_mult=None)},
                       TrainConfig(**spec, scalar_lr_mult=1.0))
+
+
+def test_load_checkpoint_checks_the_top_level_entries(tmp_path):
+    path = str(tmp_path / "c.pt")
+    model = {"fc.weight": torch.zeros(2, 2)}
+    for raw in ({"model": model}, {"config": "{}"}):  # one of the two entries missing
+        torch.save(raw, path)
+        with pytest.raises(ValueError, match="not a normfree checkpoint"):
+            load_checkpoint(path)
+    torch.save({f"k{i}": i for i in range(10)}, path)
+    with pytest.raises(ValueError, match=r"it holds a dict with keys \['k0', 'k1', 'k2', 'k3', 'k4', 'k5', 'k6', "
+                                         r"'k7'\]\)$"):
+        load_checkpoint(path)                          # the first 8 keys, sorted
+    torch.save({"model": model, "config": "{}"}, path)
+    assert load_checkpoint(path)["history"] == []      # written before the history was stored
+    torch.save({"model": model, "config": "{}", "history": '{"a": 1}'}, path)
+    with pytest.raises(ValueError, match="its config is not a dict or its history not a list"):
+        load_checkpoint(path)
+
+
+def test_load_checkpoint_turns_read_failures_into_errors_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    path = str(tmp_path / "c.pt")
+    torch.save({"model": {"w": torch.zeros(1)}, "config": "{}"}, path)
+
+    def failing(exc):
+        def load(*a, **k):
+            raise exc
+        return load
+    monkeypatch.setattr(torch, "load", failing(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError) as e:
+        load_checkpoint(path)
+    assert e.value.errno == errno.EIO and e.value.filename == path       # the system's error, with the file
+    for exc in (OSError("a reader's message"), MemoryError()):            # no errno: one "cannot read" line
+        monkeypatch.setattr(torch, "load", failing(exc))
+        with pytest.raises(ValueError, match=f"cannot read {path}: "):
+            load_checkpoint(path)
+
+
+def test_check_state_accepts_a_checkpoint_at_the_end_of_an_epoch():
+    """The loop can write one after an epoch's last batch, before the epoch counter
+    moves on (checkpoint_every, an interrupt): batch_in_epoch == steps_per_epoch."""
+    from normfree.train.checkpoint import check_state
+
+    ok = {"optimizer": {}, "step": 4, "epoch": 1, "batch_in_epoch": 2, "steps_per_epoch": 2,
+          "loss_hist": torch.zeros(4), "acc_hist": torch.zeros(4), "rng": {"torch": torch.zeros(3, dtype=torch.uint8)}}
+    check_state(ok)
+    check_state(dict(ok, epoch=2, batch_in_epoch=0))
+    with pytest.raises(ValueError, match="^corrupt or inconsistent checkpoint \\?: step 4 is not epoch 0 x 2 steps "
+                                         "\\+ batch 4"):
+        check_state(dict(ok, epoch=0, batch_in_epoch=4))  # (a dict without its path: "?")
