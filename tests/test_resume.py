@@ -321,20 +321,21 @@ def test_a_zip_that_is_not_a_checkpoint_is_refused_with_the_reason(tmp_path):
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
 
 
-def test_load_model_rebuilds_a_run_of_another_shape_on_the_device_asked(tmp_path):
-    """A sized name (depth and width in the name, none given), 2 classes, RGB: the model
+@pytest.mark.parametrize("name,width", [("skipinit_wrn_10_2", None), ("skipinit_wrn_10", 2)])
+def test_load_model_rebuilds_a_run_of_another_shape_on_the_device_asked(tmp_path, name, width):
+    """A sized name (depth, and width in the name or given), 2 classes, RGB: the model
     comes back with that layout and the trained weights, its input record as
     pretrained_cfg, on the device map_location names."""
     data = write_pngs(tmp_path / "imgs")
     out = str(tmp_path / "run")
-    res = train(TrainConfig(model="skipinit_wrn_10_2", data="folder", data_dir=data, image_size=8, batch_size=8,
+    res = train(TrainConfig(model=name, width=width, data="folder", data_dir=data, image_size=8, batch_size=8,
                             steps=2, lr=0.05, progress=False, out=out))
     model = normfree.load_model(out)
     assert (model.fc.out_features, model.fc.in_features, model.stem[0].in_channels) == (2, 128, 3)
     assert len(model.blocks) == 3 and not model.training
     assert_same_weights(model, res.model)
     cfg = model.pretrained_cfg
-    assert cfg["architecture"] == "skipinit_wrn_10_2" and cfg["input_size"] == (3, 8, 8)
+    assert cfg["architecture"] == name and cfg["input_size"] == (3, 8, 8)
     assert cfg["label_names"] == ["a", "b"] and cfg["file"] == os.path.join(out, "checkpoint.pt")
     on_meta = normfree.load_model(out, map_location="meta")
     assert {p.device.type for p in on_meta.parameters()} == {"meta"}

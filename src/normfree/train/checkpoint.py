@@ -156,11 +156,10 @@ def _check_layout(ckpt: Dict[str, Any], config: TrainConfig) -> None:
     if len(blocks) != want:
         raise _corrupt(path, f"its configuration ({config.model}, depth {config.depth}, width {config.width}) "
                              f"has {want} residual blocks, its weights {len(blocks)}")
-    fc = state.get("fc.weight")
-    if fc is None or fc.dim() != 2 or fc.shape[1] != arch.num_features:
-        got = tuple(fc.shape) if fc is not None else "none"
+    fc = state["fc.weight"]  # (present: _registered_model read it first)
+    if fc.dim() != 2 or fc.shape[1] != arch.num_features:
         raise _corrupt(path, f"its configuration gives the classifier {arch.num_features} input features, "
-                             f"its weights {got}")
+                             f"its weights {tuple(fc.shape)}")
 
 
 def model_from_checkpoint(ckpt: Dict[str, Any], factory: Optional[Factory] = None) -> nn.Module:
