@@ -52,7 +52,10 @@ MODULES = {
         "or folded_fixup or norm_order or variants_ln_and_in or pool_pad_keeps or group_count_examples "
         "or nf_beta or he_init or second_moment or make_conv or norm_act_units",
         "tests/test_fold.py", "-k", "reference_path or folded_scalars or bias_folding",
-        "tests/test_methods.py", "-k", "arpit_initialization or scaling_factors or start_at_the_he_gain"]),
+        "tests/test_methods.py", "-k", "arpit_initialization or scaling_factors or start_at_the_he_gain",
+        # the NFNet / NF-RegNet layouts (group widths, squeeze-excite, pooled shortcut), ~7 s
+        "tests/test_nfnet.py", "-k", "configured or formula or squeeze_excite or inplace_activations "
+        "or width_multiplier or counterpart or parameter_count"]),
     "layers": ("src/normfree/layers.py", [
         "tests/test_layers.py", "tests/test_properties.py", "tests/test_fold.py", "tests/test_models.py", "-k",
         "test_layers or scaled_ws or fused_ws or conv_in_bias or pool_pad or folded_scalars or cache "
