@@ -736,3 +736,24 @@ def test_norm_act_units_ln_in_and_gn_normalize_over_their_groups():
     y = norm_layer("ln", 12)(x)
     assert torch.allclose(y.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(y.var(dim=(1, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
+
+
+def test_a_block_built_by_hand_takes_its_documented_defaults():
+    """ResidualBlock(cin, cout, stride, scheme): basic 3x3-3x3 layout (bottleneck=True:
+    1x1-3x3-1x1 at a quarter of the width), index l = 1 of L = 1 blocks, NF's tracked
+    input variance 1, no stochastic depth."""
+    from normfree.schemes import make_scheme
+
+    basic = ResidualBlock(16, 16, 1, make_scheme("bn"))
+    assert [c.kernel_size for c in basic.convs] == [(3, 3), (3, 3)]
+    neck = ResidualBlock(64, 64, 1, make_scheme("bn"), bottleneck=True)
+    assert [(c.kernel_size, c.in_channels, c.out_channels) for c in neck.convs] == \
+        [((1, 1), 64, 16), ((3, 3), 16, 16), ((1, 1), 16, 64)]
+    rescale = ResidualBlock(16, 16, 1, make_scheme("rescale"))  # b_1^2 = 1 / (1 + 1 - 1) = 1
+    assert rescale.branch_const is None and rescale.skip_scale == 0.0
+    assert ResidualBlock(16, 16, 1, make_scheme("nf")).beta == 1.0
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 6, 6)
+    basic.train()
+    out = basic(x)
+    assert torch.equal(out, basic(x)) and not torch.allclose(out, x)  # the branch is never dropped
