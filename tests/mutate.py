@@ -50,7 +50,8 @@ MODULES = {
         "tests/test_models.py", "-k", "step_by_step or fixup_initialization or skipinit_blocks or groupnorm "
         "or stochastic_depth or fixup_shortcut or stem_is or nf_has or rescale_coefficients or drop_path_drops "
         "or folded_fixup or norm_order or variants_ln_and_in or pool_pad_keeps or group_count_examples "
-        "or nf_beta or he_init or second_moment or make_conv or norm_act_units or documented_defaults",
+        "or nf_beta or he_init or second_moment or make_conv or norm_act_units or documented_defaults "
+        "or combined_methods",
         "tests/test_fold.py", "-k", "reference_path or folded_scalars or bias_folding",
         "tests/test_methods.py", "-k", "arpit_initialization or scaling_factors or start_at_the_he_gain",
         # the NFNet / NF-RegNet layouts (group widths, squeeze-excite, pooled shortcut), ~7 s

@@ -757,3 +757,30 @@ def test_a_block_built_by_hand_takes_its_documented_defaults():
     basic.train()
     out = basic(x)
     assert torch.equal(out, basic(x)) and not torch.allclose(out, x)  # the branch is never dropped
+
+
+def test_scalars_of_combined_methods_multiply():
+    """Options stack the papers' scalars: RescaleNet's b_l, a_l with Balduzzi's alpha,
+    Szegedy's beta and Hanin's b^l give y = (alpha a_l) x + (b_l alpha beta b^l) g f(h)
+    (block l = 2 of L = 4); NF's alpha times a Szegedy beta."""
+    from normfree.blocks import unfolded
+    from normfree.schemes import make_scheme
+
+    scheme = make_scheme("rescale", skip_alpha=0.5, branch_beta=0.5, beta_decay=0.9)
+    block = ResidualBlock(8, 8, 1, scheme, index=2, num_blocks=4).eval()
+    b2 = 1.0 / (2 + 4 - 1)
+    a, s = 0.5 * math.sqrt(1.0 - b2), math.sqrt(b2) * 0.5 * 0.5 * 0.9 ** 2
+    with torch.no_grad():
+        block.gain.gain.fill_(0.7)
+        for c in block.convs:
+            c.weight.normal_(0.0, 0.3)
+        x = torch.randn(3, 8, 5, 5)
+        f = block.convs[1](block.mids[0](block.convs[0](block.pre(x))))
+        want = a * x + s * 0.7 * f
+        torch.testing.assert_close(block(x), want)
+        with unfolded(block):
+            torch.testing.assert_close(block(x), want)
+    nf = ResidualBlock(8, 8, 1, make_scheme("nf", branch_beta=0.5, rescale=True), index=2, num_blocks=4)
+    assert nf.branch_const == pytest.approx(0.2 * math.sqrt(b2) * 0.5) and nf.skip_scale == pytest.approx(
+        math.sqrt(1.0 - b2))
+    assert ResidualBlock(8, 8, 1, make_scheme("bn")).beta is None  # beta and the tracked variance are NF's
