@@ -136,3 +136,71 @@ def test_clear_cache_on_a_conv_that_never_cached():
     conv.clear_cache()
     conv.clear_cache()
     assert "_fold_cache" not in conv.__dict__
+
+
+def test_activation_module_applies_its_gain_in_and_out_of_place():
+    from normfree.layers import Activation
+
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(Activation()(x), torch.relu(x))                        # relu, gain 1 by default
+    torch.testing.assert_close(Activation("relu", gain=2.5)(x), 2.5 * torch.relu(x))
+    y = x.clone()
+    out = Activation("relu", gain=0.5)(y, inplace=True)
+    torch.testing.assert_close(out, 0.5 * torch.relu(x))
+    torch.testing.assert_close(Activation("gelu", gain=3.0)(x), 3.0 * torch.nn.functional.gelu(x))
+
+
+def test_activation_constants_of_a_callable_and_their_guards():
+    from normfree.layers import activation_gamma, activation_he_gain
+
+    assert activation_he_gain(torch.relu) == pytest.approx(math.sqrt(2.0), rel=1e-8)
+    assert activation_gamma(torch.relu) == pytest.approx(math.sqrt(2.0 / (1.0 - 1.0 / math.pi)), rel=1e-8)
+    with torch.device("meta"):  # the integration grid stays on the CPU under a meta-device context
+        assert activation_gamma(torch.tanh) == pytest.approx(activation_gamma("tanh"))
+    for bad in (lambda z: torch.ones_like(z), lambda z: z * float("nan")):  # zero or undefined variance
+        with pytest.raises(ValueError, match="zero or undefined variance"):
+            activation_gamma(bad)
+    for bad in (lambda z: torch.zeros_like(z), lambda z: z * float("nan")):
+        with pytest.raises(ValueError, match="zero or undefined second moment"):
+            activation_he_gain(bad)
+
+
+@pytest.mark.parametrize("cls", ["Conv2d", "ScaledStdConv2d"])
+def test_folded_weight_with_tensor_and_tuple_scales_is_the_formula(cls):
+    """conv(x, in_scale=a, out_scale=b) == b * conv(a x): a a number or 0-d tensor, b a number,
+    a per-channel tensor or a tuple of those (multiplied), the bias scaled by b too."""
+    import normfree.layers as L
+
+    torch.manual_seed(0)
+    conv = getattr(L, cls)(3, 4, 3, padding=1, bias=True)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x = torch.randn(2, 3, 5, 5)
+    per_channel = torch.tensor([0.5, 2.0, -1.0, 3.0])
+    a = torch.tensor(0.7)
+    plain = conv(x)
+    cases = [(None, 0.5, 0.5), (a, None, 1.0), (a, per_channel, per_channel.view(1, -1, 1, 1)),
+             (0.3, (per_channel, 0.5, torch.tensor(2.0)), per_channel.view(1, -1, 1, 1)),
+             ((a, 2.0), (torch.tensor(-1.5),), -1.5)]
+    for in_scale, out_scale, b in cases:
+        scale_in = 1.0
+        for s in (in_scale if isinstance(in_scale, tuple) else (in_scale,)):
+            scale_in = scale_in * (1.0 if s is None else s)
+        want = b * conv(x * scale_in)
+        torch.testing.assert_close(conv(x, in_scale=in_scale, out_scale=out_scale), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv(x), plain)
+
+
+def test_the_weight_cache_tells_tuple_scales_apart():
+    """Under no_grad a cached conv keyed on (gain tensor, number): changing only the number
+    must not return the folded weight of the old one."""
+    from normfree.layers import ScaledStdConv2d
+
+    conv = ScaledStdConv2d(3, 4, 3, padding=1)
+    g = torch.tensor(1.5)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        half, quarter = conv(x, out_scale=(g, 0.5)), conv(x, out_scale=(g, 0.25))
+        other = conv(x, out_scale=(torch.tensor(3.0), 0.25))
+    torch.testing.assert_close(quarter, half / 2)
+    torch.testing.assert_close(other, half)

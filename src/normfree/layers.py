@@ -158,8 +158,8 @@ def _as_factor(scale):
 
 def _split_scale(scale) -> tuple:
     """A scale (number, tensor or tuple of those) as (product of the numbers,
-    [tensors shaped (-1, 1, 1, 1) or 0-d]): numbers are multiplied in Python,
-    so only the tensors cost an op."""
+    [the tensors, 0-d or per-channel]): numbers are multiplied in Python, so only
+    the tensors cost an op (:func:`_ws_forward` shapes them to its rows)."""
     if scale is None:
         return 1.0, []
     if isinstance(scale, tuple):
@@ -169,7 +169,7 @@ def _split_scale(scale) -> tuple:
             const, tensors = const * c, tensors + t
         return const, tensors
     if isinstance(scale, torch.Tensor):
-        return 1.0, [scale.reshape(-1, 1, 1, 1) if scale.dim() > 0 else scale]
+        return 1.0, [scale]
     return float(scale), []
 
 
