@@ -60,7 +60,7 @@ MODULES = {
     "layers": ("src/normfree/layers.py", [
         "tests/test_layers.py", "tests/test_properties.py", "tests/test_fold.py", "tests/test_models.py", "-k",
         "test_layers or scaled_ws or fused_ws or conv_in_bias or pool_pad or folded_scalars or cache "
-        "or drop_path_drops or step_by_step or he_gain"]),
+        "or drop_path_drops or step_by_step or he_gain or nf_uses_standardized"]),
     "checkpoint": ("src/normfree/train/checkpoint.py", [
         "tests/test_resume.py", "tests/test_train.py", "tests/test_export.py", "tests/test_user_training.py",
         "tests/test_faults.py", "tests/test_factory.py", "-k", "test_resume or (test_train and (divergence or "

@@ -147,7 +147,21 @@ def test_activation_module_applies_its_gain_in_and_out_of_place():
     y = x.clone()
     out = Activation("relu", gain=0.5)(y, inplace=True)
     torch.testing.assert_close(out, 0.5 * torch.relu(x))
+    assert torch.equal(y, torch.relu(x))  # relu has an exact in-place form: y was overwritten
+    z = x.clone()
+    assert Activation("relu")(z, inplace=True).data_ptr() == z.data_ptr()
     torch.testing.assert_close(Activation("gelu", gain=3.0)(x), 3.0 * torch.nn.functional.gelu(x))
+
+
+def test_defaults_of_the_scalar_and_weight_normalized_layers():
+    from normfree.layers import ScalarBias, ScalarGain, WeightNormConv2d
+
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(ScalarGain()(x), x) and torch.equal(ScalarBias()(x), x)  # g = 1, b = 0
+    torch.manual_seed(0)
+    wn = WeightNormConv2d(3, 4, 3).normalized_weight()  # plain WN: unit-norm filters, not centred
+    torch.testing.assert_close(wn.flatten(1).norm(dim=1), torch.ones(4))
+    assert wn.flatten(1).sum(dim=1).abs().max() > 0.1
 
 
 def test_activation_constants_of_a_callable_and_their_guards():
@@ -181,7 +195,7 @@ def test_folded_weight_with_tensor_and_tuple_scales_is_the_formula(cls):
     plain = conv(x)
     cases = [(None, 0.5, 0.5), (a, None, 1.0), (a, per_channel, per_channel.view(1, -1, 1, 1)),
              (0.3, (per_channel, 0.5, torch.tensor(2.0)), per_channel.view(1, -1, 1, 1)),
-             ((a, 2.0), (torch.tensor(-1.5),), -1.5)]
+             ((a, 2.0), (torch.tensor(-1.5),), -1.5), (2.0, 2.0, 2.0), (4.0, 0.5, 0.5), (0.5, 2.0, 2.0)]
     for in_scale, out_scale, b in cases:
         scale_in = 1.0
         for s in (in_scale if isinstance(in_scale, tuple) else (in_scale,)):
@@ -189,6 +203,35 @@ def test_folded_weight_with_tensor_and_tuple_scales_is_the_formula(cls):
         want = b * conv(x * scale_in)
         torch.testing.assert_close(conv(x, in_scale=in_scale, out_scale=out_scale), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(conv(x), plain)
+    for c in (torch.tensor(0.25), per_channel):  # add_bias: + c after the conv
+        torch.testing.assert_close(conv(x, add_bias=c), plain + c.reshape(1, -1, 1, 1).expand(1, 4, 1, 1))
+        with torch.no_grad():  # (and in the cache's key)
+            torch.testing.assert_close(conv(x, add_bias=c), plain + c.reshape(1, -1, 1, 1).expand(1, 4, 1, 1))
+    d = torch.tensor(0.4)
+    torch.testing.assert_close(conv(x, in_bias=d), conv(x + d), rtol=1e-5, atol=1e-5)
+    fresh = getattr(L, cls)(3, 4, 3, padding=1, bias=True)
+    fresh.load_state_dict(conv.state_dict())
+    fresh = fresh.to(memory_format=torch.channels_last)  # the weight's rows read in that layout
+    torch.testing.assert_close(fresh(x), plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(padding=2, dilation=2), dict(padding=1, padding_mode="reflect")])
+def test_in_bias_of_a_dilated_or_reflect_padded_conv(kw):
+    """conv(x, in_bias=d) == conv(x + d): by conv(ones) with zero padding (dilated too),
+    by adding d first with any other padding mode."""
+    torch.manual_seed(0)
+    conv = Conv2d(3, 4, 3, bias=True, **kw)
+    x, d = torch.randn(2, 3, 7, 7), torch.tensor(-0.6)
+    torch.testing.assert_close(conv(x, in_bias=d), conv(x + d), rtol=1e-5, atol=1e-5)
+
+
+def test_the_weight_cache_keeps_the_two_latest_scalings():
+    conv = ScaledStdConv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 5, 5)
+    with torch.no_grad():
+        for s in (0.5, 0.25, 2.0, 0.5):
+            conv(x, out_scale=s)
+    assert len(conv._fold_cache) == 2
 
 
 def test_the_weight_cache_tells_tuple_scales_apart():
