@@ -69,7 +69,7 @@ MODULES = {
     # the statistics (not the plumbing around them: file writers, tables, block discovery)
     "signal_stats": ("src/normfree/signal.py", [
         "tests/test_signal.py", "-k", "direct_computation or chunked or predictions_follow or nf_predictions "
-        "or residual_statistics",
+        "or residual_statistics or predictions_of or prediction_of",
         "tests/test_properties.py", "-k", "measure_signal",
         "tests/test_methods.py", "-k", "predict_variance_is"],
         ["find_blocks", "_default_branch", "_skip_module", "_validate_blocks", "_measurement_mode",

@@ -589,3 +589,76 @@ def test_a_post_activation_timm_bottleneck_branch_ends_with_norm3():
     want = _branch_variances(net, x, blocks, "norm3")
     stats = measure_signal(net, x)
     assert [r.res_var for r in stats] == pytest.approx(want, rel=1e-4) and want[0] == pytest.approx(1.0, abs=0.01)
+
+
+def _moments(act, u, points=200_001):
+    """(E[act(x)], E[act(x)^2]) for x ~ N(0, u), by NumPy on a grid (independent of normfree)."""
+    z = np.linspace(-12.0, 12.0, points)
+    w = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    g = act(torch.from_numpy(z * math.sqrt(u))).numpy()
+    return np.trapezoid(w * g, z), np.trapezoid(w * g * g, z)
+
+
+def test_predictions_of_fixup_relubn_and_other_activations():
+    """Fixup: zero branch, the pool+pad shortcut keeps cin/cout of the variance; ReLU -> BN:
+    c = 2; a He-initialized GELU net: each conv maps u to G^2 E[gelu(x)^2], x ~ N(0, u), and
+    so does a transition's conv shortcut; CWN with GELU: g^2 Var[gelu(x)] per conv."""
+    assert predict_variance("fixup_wrn", depth=16) == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25, 0.25])
+    assert predict_variance("relubn_wrn", depth=16, width=1) == pytest.approx([3.0, 5.0, 4.0, 6.0, 4.0, 6.0])
+    gelu = F.gelu
+    g2 = 1.0 / _moments(gelu, 1.0)[1]
+    v, want = 1.0, []
+    for block in range(3):  # depth 10: one block per stage, the last two are transitions
+        r = v
+        for _ in range(2):
+            r = g2 * _moments(gelu, r)[1]
+        skip = v if block == 0 else g2 * _moments(gelu, v)[1]
+        v = skip + r
+        want.append(v)
+    assert predict_variance("none_wrn", depth=10, act="gelu") == pytest.approx(want, rel=1e-5)
+    cwn = model("cwn_wrn", depth=10, act="gelu")
+    v, want = 1.0, []
+    for b in cwn.blocks:
+        r = v
+        for c in b.convs:
+            m1, m2 = _moments(gelu, r)
+            r = float(c.gain.detach().double().square().mean()) * (m2 - m1 * m1)
+        if b.shortcut is None:
+            skip = v
+        else:
+            m1, m2 = _moments(gelu, v)
+            skip = float(b.shortcut.gain.detach().double().square().mean()) * (m2 - m1 * m1)
+        v = skip + r
+        want.append(v)
+    assert predict_variance(cwn) == pytest.approx(want, rel=1e-5)
+
+
+def test_predictions_of_blocks_outside_a_model_and_of_a_zero_variance():
+    """A bare sequence of ResidualBlocks has no scheme: ReLU and no norm are assumed."""
+    from normfree.blocks import ResidualBlock
+    from normfree.schemes import make_scheme
+    from normfree.signal import _act_moment
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(*(ResidualBlock(8, 8, 1, make_scheme("none")) for _ in range(3)))
+    assert predict_variance(plain) == pytest.approx([2.0, 4.0, 8.0])
+    wn = nn.Sequential(*(ResidualBlock(8, 8, 1, make_scheme("wn")) for _ in range(2)))
+    assert predict_variance(wn, v0=3.0) == pytest.approx([6.0, 12.0])
+    assert _act_moment("gelu", 0.0, False) == 0.0 and _act_moment("gelu", 0.0, True) == 0.0
+    assert _act_moment("relu", 2.0, False) == 1.0 and _act_moment("relu", 2.0, True) == pytest.approx(1 - 1 / math.pi)
+
+
+def test_prediction_of_a_converted_model_is_the_tracked_variance():
+    from foreign_resnets import TVBasicBlock, TVResNet
+
+    from normfree.layers import ScalarGain
+
+    torch.manual_seed(0)
+    conv = normfree.convert(TVResNet(TVBasicBlock, [2, 1, 1, 1], width=8, num_classes=10), "nf")
+    assert predict_variance(conv) == pytest.approx([1.0] * 5)  # the skip gains at their init, 0
+    with torch.no_grad():
+        for m in conv.modules():
+            if isinstance(m, ScalarGain):
+                m.gain.fill_(1.0)
+    assert predict_variance(conv) == pytest.approx([1.04, 1.08, 1.04, 1.04, 1.04])  # 1 + k alpha^2 per stage
+    assert predict_variance(conv, v0=2.0)[:3] == pytest.approx([2.04, 2.08, 1.04])  # v0 is passed on
