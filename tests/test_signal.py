@@ -662,3 +662,80 @@ def test_prediction_of_a_converted_model_is_the_tracked_variance():
                 m.gain.fill_(1.0)
     assert predict_variance(conv) == pytest.approx([1.04, 1.08, 1.04, 1.04, 1.04])  # 1 + k alpha^2 per stage
     assert predict_variance(conv, v0=2.0)[:3] == pytest.approx([2.04, 2.08, 1.04])  # v0 is passed on
+
+
+def _reference_records(m, x):
+    """Every BlockStats field from one plain forward with hooks (the reference path, so that
+    block.branch_out sees f(x) before any scalar)."""
+    from normfree.blocks import unfolded
+
+    def stats(t):
+        mean = t.double().mean(dim=(0, 2, 3))
+        return float(mean.square().mean()), float(t.double().var(dim=(0, 2, 3), unbiased=False).mean())
+
+    seen = {}
+    hooks = []
+    for i, b in enumerate(m.blocks):
+        hooks.append(b.register_forward_hook(lambda mod, inp, out, i=i: seen.setdefault(i, {}).update(
+            x=inp[0].detach(), y=out.detach())))
+        hooks.append(b.branch_out.register_forward_hook(lambda mod, inp, out, i=i: seen.setdefault(i, {}).update(
+            f=out.detach())))
+        if b.shortcut is not None:
+            hooks.append(b.shortcut.register_forward_hook(lambda mod, inp, out, i=i: seen.setdefault(i, {}).update(
+                skip=out.detach())))
+    with torch.no_grad(), unfolded(m):
+        m.eval()(x)
+    for h in hooks:
+        h.remove()
+    recs, stage, shape = [], 0, None
+    for i, b in enumerate(m.blocks):
+        d = seen[i]
+        mean_sq, var = stats(d["y"])
+        res_mean_sq, res_var = stats(d["f"])
+        a = 1.0 if b.skip_scale is None else b.skip_scale
+        skip_var = stats(d.get("skip", d["x"]))[1] * a * a
+        s = b.branch_scale()
+        s = 1.0 if s is None else float(s.detach() if isinstance(s, torch.Tensor) else s)
+        if d["y"].shape[1:] != shape:
+            stage, shape = stage + 1, d["y"].shape[1:]
+        recs.append(dict(index=i + 1, stage=stage, channels=d["y"].shape[1], mean_sq=mean_sq, var=var,
+                         res_mean_sq=res_mean_sq, res_var=res_var, skip_var=skip_var, branch_scale=s,
+                         ratio=math.sqrt(s * s * res_var / skip_var)))
+    return recs, stats(seen[0]["x"])
+
+
+@pytest.mark.parametrize("name,kw", [("rescale_wrn", {}), ("nf_wrn", {"gain_init": 0.7}),
+                                     ("szegedy_wrn", {})])
+def test_every_field_matches_a_direct_computation(name, kw):
+    """mean_sq, var, res_var, res_mean_sq, skip_var (times RescaleNet's a_l), branch_scale,
+    ratio, stage, channels and the input's statistics, against hooks on a plain forward;
+    in chunks of 5 and in one pass."""
+    m = model(name, depth=10, **kw)
+    x = torch.randn(16, 3, 8, 8)
+    want, (in_mean_sq, in_var) = _reference_records(m, x)
+    for chunk in (None, 5):
+        got = measure_signal(m.eval(), x, chunk_size=chunk, bn_stats="running")
+        assert got.chunk_size == (16 if chunk is None else 5)
+        assert got.input_mean_sq == pytest.approx(in_mean_sq, rel=1e-5) and \
+            got.input_var == pytest.approx(in_var, rel=1e-5)
+        for r, w in zip(got, want):
+            assert r.name == f"blocks.{w['index'] - 1}"
+            for key, value in w.items():
+                assert getattr(r, key) == pytest.approx(value, rel=1e-4, abs=1e-12), (name, r.index, key)
+    assert len(got) == len(want) == 3 and [r.stage for r in got] == [1, 2, 3]
+
+
+def test_measurement_options_seed_validation_and_outputs_only():
+    m = model("skipinit_wrn", depth=10, gain_init=0.5)
+    shape = (8, 3, 8, 8)
+    first = measure_signal(m, shape)
+    assert first.column("var") == measure_signal(m, shape, seed=0).column("var")   # the default seed is 0
+    assert first.column("var") != measure_signal(m, shape, seed=1).column("var")
+    outputs = measure_signal(m, shape, residual=False)
+    assert outputs.column("var") == first.column("var") and outputs.column("res_var") == [None] * 3
+    assert outputs.column("skip_var") == [None] * 3 and outputs.column("ratio") == [None] * 3
+    for bad in (0, 2.5, -1):
+        with pytest.raises(ValueError, match=f"chunk_size must be a positive integer or None, got {bad!r}"):
+            measure_signal(m, shape, chunk_size=bad)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\), got \(2, 5, 8, 8\)"):
+        measure_signal(m, torch.randn(2, 5, 8, 8))
