@@ -739,3 +739,39 @@ def test_measurement_options_seed_validation_and_outputs_only():
             measure_signal(m, shape, chunk_size=bad)
     with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\), got \(2, 5, 8, 8\)"):
         measure_signal(m, torch.randn(2, 5, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    x[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"the input holds 1 NaN/Inf value\(s\) \(of 384, shape \(2, 3, 8, 8\)\)"):
+        measure_signal(m, x)
+    wide = measure_signal(model("skipinit_wrn", depth=10, gain_init=0.5).double(), shape)  # noise in its dtype
+    assert wide.column("var") == pytest.approx(first.column("var"), rel=1e-5)
+
+
+def test_half_precision_activations_are_summed_in_float32():
+    """bfloat16 block outputs: per-channel sums accumulate in float32 (in bfloat16, a sum of
+    4096 values would be off by ~1%)."""
+    x = (torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 + 0.5).bfloat16()
+    net = nn.Sequential(nn.Conv2d(3, 3, 1, bias=False), nn.Identity()).bfloat16()  # a bfloat16 model
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))  # the identity: its output is x
+    got = measure_signal(net, x, blocks=list(net), residual=False)
+    ref = x.double()
+    mean = ref.mean(dim=(0, 2, 3))
+    assert got[0].mean_sq == pytest.approx(float(mean.square().mean()), rel=1e-5)
+    assert got[0].var == pytest.approx(float(ref.var(dim=(0, 2, 3), unbiased=False).mean()), rel=1e-5)
+
+
+def test_branch_scale_of_converted_blocks_is_alpha_times_the_gain():
+    from foreign_resnets import TVBasicBlock, TVResNet
+    from normfree.layers import ScalarGain
+
+    torch.manual_seed(0)
+    conv = normfree.convert(TVResNet(TVBasicBlock, [2, 1, 1, 1], width=8, num_classes=10), "nf")
+    with torch.no_grad():
+        for m in conv.modules():
+            if isinstance(m, ScalarGain):
+                m.gain.fill_(0.5)
+    stats = measure_signal(conv, (4, 3, 32, 32))
+    assert stats.column("branch_scale") == pytest.approx([0.1] * 5)
+    for r in stats:
+        assert r.ratio == pytest.approx(0.1 * math.sqrt(r.res_var / r.skip_var))
