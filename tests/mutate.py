@@ -17,7 +17,7 @@ lists the survivors that are equivalent (no behaviour can tell them apart).
     python tests/mutate.py agc layers      # some of them
     python tests/mutate.py --list          # the modules and their tests
     python tests/mutate.py --survivors agc # re-print the survivors of a finished run
-    python tests/mutate.py --recheck agc   # re-test those survivors against the current tests
+    python tests/mutate.py --recheck agc   # test what changed, then re-test the survivors against the current tests
 
 Not part of CI (about an hour on 2 cores for all modules). ``make mutate`` runs it
 under ``nice -n 15`` with one mutant at a time.
@@ -231,17 +231,20 @@ def run(name: str, max_children: int, recheck: bool = False) -> dict:
         stats.unlink()
     t0 = time.time()
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)]
+    log = where / "mutmut.log"
+    env = dict(os.environ, HYPOTHESIS_PROFILE="mutate")  # 10 examples per property test
+    survivors = []
     if recheck:  # the survivors of the last run, against the current tests
         got = _stats(where, source)
         survivors = [] if got is None else [k for k, v in _codes(where, source).items()
                                             if STATUS.get(v, "suspicious") in ("survived", "no tests")]
-        if not survivors:
-            return {"module": name, "source": source, "rc": 0, "seconds": 0, "log": "(nothing to recheck)"}
-        cmd += survivors
-    log = where / "mutmut.log"
-    env = dict(os.environ, HYPOTHESIS_PROFILE="mutate")  # 10 examples per property test
     with open(log, "w") as f:
+        # mutmut tests the mutants without a result: all of them the first time, afterwards those of
+        # the functions whose source changed since (their old results are dropped); then a recheck
+        # re-tests the survivors (of unchanged functions too) against the current tests
         rc = subprocess.run(cmd, cwd=where, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        if survivors and rc == 0:
+            rc = subprocess.run(cmd + survivors, cwd=where, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     return {"module": name, "source": source, "rc": rc, "seconds": round(time.time() - t0), "log": str(log)}
 
 
@@ -269,7 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="print the modules and their test selections")
     p.add_argument("--survivors", action="store_true", help="only report (and list survivors of) finished runs")
     p.add_argument("--recheck", action="store_true",
-                   help="re-test only the survivors of the last run (after adding tests; the tree is copied anew)")
+                   help="after adding tests: test the mutants of changed functions, then re-test the survivors of "
+                        "the last run (the tree is copied anew)")
     p.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
     a = p.parse_args(argv)
     bad = [m for m in a.modules if m not in MODULES]
