@@ -117,6 +117,16 @@ EQUIVALENT = {
     "normfree.study.verdicts.x_paired_bootstrap__mutmut_67": "rng.integers(n) draws from [0, n) like rng.integers(0, n)",
     "normfree.study.verdicts.x_paired_bootstrap__mutmut_77": "with one seed a duplicated seed index 0 averages the "
     "same row twice: the same mean",
+    **{f"normfree.train.checkpoint.x_load_checkpoint__mutmut_{i}": "torch >= 2.6 (pinned 2.13) loads with "
+       "weights_only=True by default; the explicit True keeps older torch (pyproject admits >= 2.3) safe"
+       for i in (14, 17)},
+    **{f"normfree.train.checkpoint.x_{f}__mutmut_{i}": "these take dicts from load_checkpoint / load_weights, which "
+       "always set 'path': the default is never used" for f in ("_check_layout", "model_from_checkpoint",
+                                                             "_registered_model") for i in (3, 5, 8)},
+    **{f"normfree.train.checkpoint.x_model_from_checkpoint__mutmut_{i}": "train writes model_info['class'] for "
+       "every module passed as an object: the default is never used" for i in (32, 34, 37, 38)},
+    "normfree.train.checkpoint.x_model_from_checkpoint__mutmut_63": "a registered run's convert is None: passing "
+    "it is passing None",
 }
 
 WORK = ROOT / "runs" / "mutate"

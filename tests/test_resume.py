@@ -130,6 +130,9 @@ CORRUPTIONS = {
                              "corrupt or inconsistent", None),
 }
 
+# the reasons that are the whole line after the file's name
+WHOLE = {"empty", "model_not_tensors", "rng_state_garbage", "accuracy_history_missing", "optimizer_not_a_dict",
+         "loss_history_short"}
 # what the one line says is wrong (in both errors, where the file gets that far): the reason, not just "cannot read"
 REASONS = {
     "empty": "the file is empty or truncated",
@@ -171,6 +174,8 @@ def test_bad_checkpoint_is_refused_in_one_line(name, stopped_run, tmp_path, caps
     assert err.startswith("normfree train: error: ") and err.count("\n") == 1, err
     assert resume_msg in err and ckpt in err, err
     assert REASONS.get(name, "") in err, err
+    if name in WHOLE:
+        assert err.rstrip("\n").endswith(f"{ckpt}: {REASONS[name]}"), err
     assert "weights_only" not in err  # no advice to load the file unsafely
     assert not os.path.exists(marker)  # nothing in the file ran
 
@@ -367,8 +372,25 @@ def test_check_resumable_names_every_schedule_change_and_hints_only_for_the_leng
     msg = str(e.value)
     assert msg.startswith("cannot resume /runs/x/checkpoint.pt: the learning-rate schedule would change (")
     assert "(lr 0.05 -> 0.1, total_steps 6 -> 8)" in msg and "--reschedule" not in msg
-    with pytest.raises(ValueError, match=r"\(total_steps 6 -> 8\): .* pass --reschedule to recompute"):
+    assert msg.endswith("every remaining step would get another learning rate than the checkpoint's run.")
+    with pytest.raises(ValueError) as e:
         check_resumable(ckpt, cfg, 2, {"d": 1}, dict(sched, total_steps=8))
+    assert str(e.value) == (
+        "cannot resume /runs/x/checkpoint.pt: the learning-rate schedule would change (total_steps 6 -> 8): every "
+        "remaining step would get another learning rate than the checkpoint's run. Resume with the same "
+        "--steps/--epochs, or pass --reschedule to recompute the schedule for the new length (the run then "
+        "differs from a fresh run of that length).")
+    old = {k: v for k, v in ckpt.items() if k != "schedule"}  # format 1: only the run's length was stored
+    with pytest.raises(ValueError, match=r"^cannot resume /runs/x/checkpoint.pt: its run was 6 steps long, this "
+                                         r"one 8: the cosine learning-rate schedule would change"):
+        check_resumable(dict(old, total_steps=6), cfg, 2, {"d": 1}, dict(sched, total_steps=8))
+    for same in (dict(old, total_steps=8), old):
+        assert check_resumable(same, cfg, 2, {"d": 1}, dict(sched, total_steps=8)) is None
+    assert check_resumable(dict(old, total_steps=6), TrainConfig(**TINY, steps=8, reschedule=True), 2, {"d": 1},
+                           dict(sched, total_steps=8)) is None
+    flat_cfg = TrainConfig(**TINY, steps=8, schedule="constant")
+    assert check_resumable(dict(old, total_steps=6, config=flat_cfg.to_dict()), flat_cfg, 2, {"d": 1},
+                           dict(sched, total_steps=8, schedule="constant")) is None
     with pytest.raises(ValueError, match="cannot resume /runs/x/checkpoint.pt: it has done 2 steps, more than the 1"):
         check_resumable(ckpt, cfg, 2, {"d": 1}, dict(sched, total_steps=1))
     assert check_resumable(dict(ckpt, step=6), cfg, 2, {"d": 1}, dict(sched)) is None  # finished: allowed
@@ -459,3 +481,14 @@ def test_check_state_accepts_a_checkpoint_at_the_end_of_an_epoch():
     with pytest.raises(ValueError, match="^corrupt or inconsistent checkpoint \\?: step 4 is not epoch 0 x 2 steps "
                                          "\\+ batch 4"):
         check_state(dict(ok, epoch=0, batch_in_epoch=4))  # (a dict without its path: "?")
+
+
+def test_a_registered_run_rebuilt_by_a_factory_gets_no_method_options(digits, tmp_path):
+    """The run's method options built the registered model; a factory given instead is
+    called with num_classes / in_chans only (it builds the architecture its own way)."""
+    out = str(tmp_path / "opts")
+    res = train(TrainConfig(**TINY, steps=1, model_options={"gain_init": 0.5}, out=out), dataset=digits)
+
+    def factory(num_classes, in_chans):
+        return normfree.create_model("skipinit_wrn", depth=10, width=1, num_classes=num_classes, in_chans=in_chans)
+    assert_same_weights(normfree.load_model(out, factory=factory), res.model)
