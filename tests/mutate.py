@@ -55,7 +55,7 @@ MODULES = {
         "tests/test_fold.py", "-k", "reference_path or folded_scalars or bias_folding",
         "tests/test_methods.py", "-k", "arpit_initialization or scaling_factors or start_at_the_he_gain",
         # the NFNet / NF-RegNet layouts (group widths, squeeze-excite, pooled shortcut), ~7 s
-        "tests/test_nfnet.py", "-k", "configured or formula or squeeze_excite or inplace_activations "
+        "tests/test_nfnet.py", "-k", "configured or formula or squeeze_excite or inplace_activations_after "
         "or width_multiplier or counterpart or parameter_count"]),
     "layers": ("src/normfree/layers.py", [
         "tests/test_layers.py", "tests/test_properties.py", "tests/test_fold.py", "tests/test_models.py", "-k",
