@@ -127,6 +127,21 @@ EQUIVALENT = {
        "every module passed as an object: the default is never used" for i in (32, 34, 37, 38)},
     "normfree.train.checkpoint.x_model_from_checkpoint__mutmut_63": "a registered run's convert is None: passing "
     "it is passing None",
+    "normfree.layers.x__normal_moments__mutmut_1": "the default number of grid points sets the accuracy, not the value",
+    **{f"normfree.layers.x__normal_moments__mutmut_{i}": "the grid's dtype sets the accuracy: a float32 grid gives "
+       "the tested constants to 1e-8" for i in (6, 11)},
+    **{f"normfree.layers.x__normal_moments__mutmut_{i}": "the normal density beyond |z| = 12 is below 1e-31"
+       for i in (14, 15)},
+    "normfree.layers.x__normal_moments__mutmut_29": "fn of a float64 grid is float64 already",
+    "normfree.layers.x__as_factor__mutmut_11": "a 0-d tensor reshaped to (1, 1, 1, 1) broadcasts like the 0-d one",
+    **{f"normfree.layers.xǁConv2dǁforward__mutmut_{i}": "conv(x + d) equals the conv(ones) form under zero "
+       "padding: only the memory differs" for i in (16, 17)},
+    **{f"normfree.layers.x__{f}__mutmut_1": "when both predicates hold (1x1 kernels, one input channel) both "
+       "layouts give the same rows" for f in ("rows", "unrows")},
+    "normfree.layers.xǁ_ScaledStdWeightǁforward__mutmut_32": "q == eps exactly: a set of measure zero",
+    **{f"normfree.layers.xǁScaledStdConv2dǁfolded_weight_bias__mutmut_{i}": "the autograd and no-grad paths share "
+       "_ws_forward: the same bits, whichever runs (and a bias passed unscaled is the bias)" for i in (16, 21, 22, 25)},
+    "normfree.layers.x_drop_path__mutmut_2": "p = 0 in training: a mask of ones (keep = 1) gives the same values",
     **{f"normfree.signal.x__partial__mutmut_{i}": "for a 1-D tensor cdim % 1 is 0 anyway" for i in (4, 6)},
     "normfree.signal.x__partial__mutmut_19": "float64 sums of float32 values: the same statistics up to rounding",
     "normfree.signal.x__partial__mutmut_34": "s1 is converted to float64 two lines below",

@@ -142,7 +142,8 @@ def test_activation_module_applies_its_gain_in_and_out_of_place():
     from normfree.layers import Activation
 
     x = torch.randn(2, 3, 4, 4)
-    assert torch.equal(Activation()(x), torch.relu(x))                        # relu, gain 1 by default
+    x0 = x.clone()
+    assert torch.equal(Activation()(x), torch.relu(x0)) and torch.equal(x, x0)  # relu, gain 1, out of place
     torch.testing.assert_close(Activation("relu", gain=2.5)(x), 2.5 * torch.relu(x))
     y = x.clone()
     out = Activation("relu", gain=0.5)(y, inplace=True)
@@ -171,7 +172,7 @@ def test_activation_constants_of_a_callable_and_their_guards():
     assert activation_gamma(torch.relu) == pytest.approx(math.sqrt(2.0 / (1.0 - 1.0 / math.pi)), rel=1e-8)
     with torch.device("meta"):  # the integration grid stays on the CPU under a meta-device context
         assert activation_gamma(torch.tanh) == pytest.approx(activation_gamma("tanh"))
-    for bad in (lambda z: torch.ones_like(z), lambda z: z * float("nan")):  # zero or undefined variance
+    for bad in (lambda z: torch.ones_like(z), lambda z: z * 0.0, lambda z: z * float("nan")):  # zero/undefined
         with pytest.raises(ValueError, match="zero or undefined variance"):
             activation_gamma(bad)
     for bad in (lambda z: torch.zeros_like(z), lambda z: z * float("nan")):
@@ -247,3 +248,8 @@ def test_the_weight_cache_tells_tuple_scales_apart():
         other = conv(x, out_scale=(torch.tensor(3.0), 0.25))
     torch.testing.assert_close(quarter, half / 2)
     torch.testing.assert_close(other, half)
+    s = torch.tensor([2.0, 3.0, 4.0, 5.0])
+    with torch.no_grad():  # a 0-d view shares its base's storage, version and data pointer: not its identity
+        first = conv(x, out_scale=s[0])
+        per_channel = conv(x, out_scale=s)
+    torch.testing.assert_close(per_channel, first / 2.0 * s.view(1, -1, 1, 1))
