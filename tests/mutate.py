@@ -127,6 +127,7 @@ EQUIVALENT = {
        "every module passed as an object: the default is never used" for i in (32, 34, 37, 38)},
     "normfree.train.checkpoint.x_model_from_checkpoint__mutmut_63": "a registered run's convert is None: passing "
     "it is passing None",
+    "normfree.train.checkpoint.x_load_model__mutmut_28": "model.to(None) leaves the model where it is",
     "normfree.layers.x__normal_moments__mutmut_1": "the default number of grid points sets the accuracy, not the value",
     **{f"normfree.layers.x__normal_moments__mutmut_{i}": "the grid's dtype sets the accuracy: a float32 grid gives "
        "the tested constants to 1e-8" for i in (6, 11)},
