@@ -51,7 +51,7 @@ MODULES = {
         "or stochastic_depth or fixup_shortcut or stem_is or nf_has or rescale_coefficients or drop_path_drops "
         "or folded_fixup or norm_order or variants_ln_and_in or pool_pad_keeps or group_count_examples "
         "or nf_beta or he_init or second_moment or make_conv or norm_act_units or documented_defaults "
-        "or combined_methods",
+        "or combined_methods or construction_details or odd_input",
         "tests/test_fold.py", "-k", "reference_path or folded_scalars or bias_folding",
         "tests/test_methods.py", "-k", "arpit_initialization or scaling_factors or start_at_the_he_gain",
         # the NFNet / NF-RegNet layouts (group widths, squeeze-excite, pooled shortcut), ~7 s
@@ -98,7 +98,32 @@ EQUIVALENT = {
     "normfree.train.optim.x_make_optimizer__mutmut_49": "AGC needs model= only to resolve names; exclude is a list of tensors here",
     "normfree.train.optim.x_make_optimizer__mutmut_54": "AGC needs model= only to resolve names; exclude is a list of tensors here",
     "normfree.blocks.xǁPoolPadShortcutǁforward__mutmut_4": "F.pad by 0 channels returns the same values",
-    "normfree.blocks.xǁResidualBlockǁ_unit__mutmut_11": "no unit is a lone ScalarBias: len(layers) is never 1 there",
+    "normfree.blocks.xǁResidualBlockǁ_unit__mutmut_12": "no unit is a lone ScalarBias: len(layers) is never 1 there",
+    **{f"normfree.blocks.xǁResidualBlockǁ_unit__mutmut_{i}": "in place or not, an activation gives the same values "
+       "(in place only saves memory; no scheme's unit has an identity activation before another)"
+       for i in (25, 26, 27)},
+    **{f"normfree.blocks.xǁResidualBlockǁ__init____mutmut_{i}": "inplace_acts off: the same values out of place"
+       for i in (14, 15)},
+    "normfree.blocks.xǁResidualBlockǁ__init____mutmut_6": "only extra_repr reads scheme_name",
+    **{f"normfree.blocks.xǁResidualBlockǁ__init____mutmut_{i}": "every layout has a kernel > 1: next()'s default "
+       "is never used" for i in (40, 42, 46)},
+    "normfree.blocks.xǁResidualBlockǁ__init____mutmut_62": "no layout has 2x2 kernels: k > 2 picks the same convs",
+    **{f"normfree.blocks.xǁResidualBlockǁ__init____mutmut_{i}": "without a squeeze-excite se_index never equals a "
+       "conv index, and se is read only then" for i in (88, 89)},
+    "normfree.blocks.xǁResidualBlockǁ__init____mutmut_110": "shortcut_uses_preact None is falsy like False",
+    **{f"normfree.blocks.xǁResidualBlockǁ__init____mutmut_{i}": "AvgPool2d's stride defaults to its kernel size "
+       "(= stride here), and count_include_pad only matters with padding (none)" for i in (131, 134, 135, 137, 139)},
+    **{f"normfree.blocks.xǁResidualBlockǁ__init____mutmut_{i}": "make_conv's stride defaults to 1"
+       for i in (149, 150)},
+    "normfree.blocks.xǁResidualBlockǁ__init____mutmut_191": "const is still 1.0 there: = and *= agree",
+    **{f"normfree.blocks.xǁResidualBlockǁ_forward_folded__mutmut_{i}": "with a squeeze-excite last there is no "
+       "Fixup bias: b is None" for i in (73, 76)},
+    **{f"normfree.blocks.x_make_conv__mutmut_{i}": "torch lower-cases the mode, and fan_in is its default"
+       for i in (29, 32, 81, 84)},
+    "normfree.blocks.x_make_conv__mutmut_1": "every caller passes stride",
+    "normfree.blocks.x_make_conv__mutmut_109": "every filter of a conv has the same number of weights",
+    "normfree.blocks.xǁLayoutǁmid_channels__mutmut_1": "every caller passes first",
+    "normfree.blocks.xǁLayoutǁmid_channels__mutmut_24": "mid == group_width gives groups 1 and the same mid either way",
     **{f"normfree.train.optim.x_param_groups__mutmut_{i}": "ScalarGain/ScalarBias hold 0-dim parameters: "
        "p.dim() == 0 already puts them in the scalar group" for i in (3, 4, 5, 6)},
     "normfree.train.optim.x_param_groups__mutmut_28": "rsplit('.')[-1] is the last name part whatever maxsplit",

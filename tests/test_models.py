@@ -784,3 +784,47 @@ def test_scalars_of_combined_methods_multiply():
     assert nf.branch_const == pytest.approx(0.2 * math.sqrt(b2) * 0.5) and nf.skip_scale == pytest.approx(
         math.sqrt(1.0 - b2))
     assert ResidualBlock(8, 8, 1, make_scheme("bn")).beta is None  # beta and the tracked variance are NF's
+
+
+def test_block_construction_details_that_the_papers_fix():
+    """Conv biases follow the scheme (plain, WS and WN convs); a bottleneck transition strides
+    its 3x3 conv (ResNet v1.5, as the official NF-ResNet and timm code); SkipInit's
+    "1/sqrt(d)" gain uses L; Arpit's 1/L scales the last conv of a bottleneck too; Fixup's
+    scalar biases before every conv enter the folded forward."""
+    from normfree.blocks import unfolded
+    from normfree.layers import ScalarBias
+    from normfree.schemes import make_scheme
+
+    assert ResidualBlock(8, 8, 1, make_scheme("nf", conv_bias=False)).convs[0].bias is None
+    assert ResidualBlock(8, 8, 1, make_scheme("nf")).convs[0].bias is not None
+    assert ResidualBlock(8, 8, 1, make_scheme("wn", conv_bias=False)).convs[0].bias is None
+    regularized = ResidualBlock(8, 8, 1, make_scheme("skipinit", regularized=True))
+    assert all(torch.equal(c.bias, torch.zeros(8)) for c in regularized.convs)  # present, initialized to 0
+    neck = ResidualBlock(64, 128, 2, make_scheme("bn"), bottleneck=True)
+    assert [c.stride for c in neck.convs] == [(1, 1), (2, 2), (1, 1)]
+    assert ResidualBlock(8, 8, 1, make_scheme("skipinit", gain_init="1/sqrt(d)"), num_blocks=16).gain.gain.item() \
+        == pytest.approx(0.25)
+    torch.manual_seed(0)
+    one = ResidualBlock(64, 64, 1, make_scheme("arpit"), bottleneck=True, num_blocks=1)
+    torch.manual_seed(0)
+    four = ResidualBlock(64, 64, 1, make_scheme("arpit"), bottleneck=True, num_blocks=4)
+    torch.testing.assert_close(four.convs[2].gain, one.convs[2].gain * 0.5)
+    torch.testing.assert_close(four.convs[1].gain, one.convs[1].gain)
+    fixup = ResidualBlock(8, 8, 1, make_scheme("fixup")).eval()
+    with torch.no_grad():
+        for m in fixup.modules():
+            if isinstance(m, ScalarBias):
+                m.bias.normal_()
+        for c in fixup.convs:
+            c.weight.normal_(0.0, 0.2)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad(), unfolded(fixup):
+        want = fixup(x)
+    torch.testing.assert_close(fixup(x), want)
+
+
+def test_an_nfnet_runs_on_odd_input_sizes():
+    """Its average-pool shortcut rounds up (ceil_mode) like the strided 3x3 conv's SAME padding."""
+    model = normfree.create_model("nfnet_f0", width=1 / 16, num_classes=3).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 37, 37)).shape == (1, 3)
