@@ -138,7 +138,16 @@ EQUIVALENT = {
     "normfree.study.verdicts.x_linear_r2__mutmut_14": "float('NAN') is nan",
     "normfree.study.verdicts.x_unpack_bits__mutmut_9": "astype(None) is float64, the same as astype(np.float64)",
     **{f"normfree.study.verdicts.x_paired_bootstrap__mutmut_{i}": "the chunk size only bounds memory (and which "
-       "draws go to which resample), not the distribution of the interval" for i in (35, 46)},
+       "draws go to which resample), not the distribution of the interval" for i in (35, 41, 46, 47)},
+    **{f"normfree.study.verdicts.x_paired_bootstrap__mutmut_{i}": "with the other array float64, a - b is float64 "
+       "anyway" for i in (6, 8, 10, 12)},
+    **{f"normfree.study.verdicts.x_paired_bootstrap__mutmut_{i}": "with one seed, drawing its index gives 0 like "
+       "np.zeros (it only consumes random numbers)" for i in (63, 71)},
+    "normfree.study.verdicts.x_paired_bootstrap__mutmut_82": "rng.integers(n) draws from [0, n) like rng.integers(0, n)",
+    "normfree.study.verdicts.x_linear_r2__mutmut_17": "float('NAN') is nan",
+    "normfree.study.verdicts.x_linear_r2__mutmut_19": "a spread exactly at the flatness bound: a set of measure zero",
+    **{f"normfree.study.verdicts.x_linear_r2__mutmut_{i}": "polyfit gives the same fit for integer or float x"
+       for i in (34, 37)},
     "normfree.study.verdicts.x_paired_bootstrap__mutmut_67": "rng.integers(n) draws from [0, n) like rng.integers(0, n)",
     "normfree.study.verdicts.x_paired_bootstrap__mutmut_77": "with one seed a duplicated seed index 0 averages the "
     "same row twice: the same mean",

@@ -967,6 +967,8 @@ def test_rule_helper_linear_r2_matches_numpy():
     # a flat line: slope exactly 0 (polyfit's rounding gave -4.5e-16 or +4.5e-16 and R^2 = -0.68)
     assert linear_r2([2.0, 2.0, 2.0]) == (0.0, 1.0) and linear_r2([1e6] * 4) == (0.0, 1.0)
     assert linear_r2([2.0, 2.0, 2.0 + 1e-6])[0] > 0               # a real (tiny) rise is still a rise
+    # "flat" is a spread of at most 1e-12 of the values' size (and 1e-12 absolute below 1)
+    assert linear_r2([1e6, 1e6 + 1e-7, 1e6]) == (0.0, 1.0) and linear_r2([1.0, 1.0 + 1.5e-12, 1.0]) != (0.0, 1.0)
     assert all(math.isnan(v) for v in linear_r2([1.0, float("nan"), 3.0, 4.0]))
     slope, r2 = linear_r2([1.0, 2.0, 3.0])                        # exactly 3 points is enough
     assert slope == pytest.approx(1.0) and r2 == pytest.approx(1.0)
@@ -1047,6 +1049,18 @@ def test_rule_helper_interval_text_and_fmt_exponents():
     assert Interval(-0.05, -0.08, -0.02, 1, 360).text() == \
         "a - b = -5.0 points (95% interval -8.0 to -2.0; 1 seed x 360 test images)"
     assert fmt(1000.0) == "1.00e+03" and fmt(1200.0) == "1.20e+03" and fmt(999.0) == "999"
+    assert Interval(0.3, 0.25, 0.45, 3, 100).text() == \
+        "a - b = +30.0 points (95% interval +25.0 to +45.0; 3 seeds x 100 test images)"
+
+
+def test_rule_helper_bootstrap_defaults_and_shape_checks():
+    rng = np.random.default_rng(2)
+    a, b = (rng.random((2, 40)) < 0.6).astype(float), (rng.random((2, 40)) < 0.5).astype(float)
+    assert paired_bootstrap(a, b) == paired_bootstrap(a, b, resamples=2000, seed=0, level=0.95)  # the defaults
+    for x, y in ((np.zeros((2, 2, 2)), np.zeros((2, 2, 2))), (np.zeros((2, 3)), np.zeros((2, 4))),
+                 (np.zeros((0, 3)), np.zeros((0, 3)))):
+        with pytest.raises(ValueError, match=r"must be \[seeds, images\] arrays of the same shape"):
+            paired_bootstrap(x, y)
 
 
 def test_rule_helper_bootstrap_inputs_one_image_1d_and_bool():
