@@ -108,7 +108,8 @@ EQUIVALENT = {
     "normfree.blocks.xǁResidualBlockǁ__init____mutmut_6": "only extra_repr reads scheme_name",
     **{f"normfree.blocks.xǁResidualBlockǁ__init____mutmut_{i}": "every layout has a kernel > 1: next()'s default "
        "is never used" for i in (40, 42, 46)},
-    "normfree.blocks.xǁResidualBlockǁ__init____mutmut_62": "no layout has 2x2 kernels: k > 2 picks the same convs",
+    **{f"normfree.blocks.xǁResidualBlockǁ__init____mutmut_{i}": "no layout has 2x2 kernels: k > 2 picks the same "
+       "convs" for i in (45, 62)},
     **{f"normfree.blocks.xǁResidualBlockǁ__init____mutmut_{i}": "without a squeeze-excite se_index never equals a "
        "conv index, and se is read only then" for i in (88, 89)},
     "normfree.blocks.xǁResidualBlockǁ__init____mutmut_110": "shortcut_uses_preact None is falsy like False",
