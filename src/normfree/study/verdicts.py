@@ -164,7 +164,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: 
     d = a - b
     n_seeds, n_img = d.shape
     rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
+    means = np.full(resamples, np.nan)  # a resample the loop missed would show as NaN, not as old memory
     chunk = max(1, min(resamples, 4_000_000 // max(n_img * n_seeds, 1)))
     for start in range(0, resamples, chunk):
         k = min(chunk, resamples - start)
