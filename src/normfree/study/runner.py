@@ -350,7 +350,7 @@ class Runner:
             p.join(timeout=10)
         pool.shutdown(wait=False, cancel_futures=True)
         if manager is not None:
-            manager.join(timeout=10)  # bounded: never hang an interrupted study on the pool's internals
+            manager.join(timeout=10)  # bounded here (concurrent.futures' exit handler joins it once more)
 
     def cached(self, spec: RunSpec) -> Optional[dict]:
         return self.store.get(spec.key, spec.identity(), spec.task)
